@@ -1,0 +1,42 @@
+"""rdlm: recurrent-depth language models in JAX/Flax."""
+
+import setuptools
+
+# Versions tested together on CPU (see README); bump them together.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "sentencepiece==0.2.3",
+    "ml-collections==1.1.0",
+    "tensorboardX==2.6.5",
+    "absl-py==2.5.1",
+    "etils[epath]==1.15.0",
+    "numpy==2.4.6",
+    "ml-dtypes==0.6.0",
+    "pyarrow==26.0.1",
+    "matplotlib==3.11.2",
+    "tokenizers==0.23.3",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest==9.2.0"],
+    # Cross-checks against the reference PyTorch implementation (CPU build).
+    "torch": ["torch==2.13.0"],
+    # gs:// paths through etils.epath.
+    "gcs": ["gcsfs"],
+}
+
+setuptools.setup(
+    name="rdlm",
+    version="0.1.0",
+    description="Recurrent-depth language models (Huginn) in JAX/Flax: training, scaling, test-time compute.",
+    packages=setuptools.find_packages(include=["rdlm", "rdlm.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
