@@ -1,0 +1,117 @@
+"""Model parameters on disk: Orbax step directories, training workdirs and Hugging Face directories.
+
+A step directory holds Orbax items side by side: `params`, `model_config` (JSON) and, for training
+checkpoints, `opt_state`, `data_iter` and `config`. Anything that only needs the model
+(`--config.init_from`, `rdlm.generate`, the converters) reads `params` + `model_config` through
+`load_params`, whatever kind of directory it is given.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from rdlm.model.config import ModelConfig
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+
+
+def model_config_to_json(config: ModelConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def model_config_from_json(fields: dict) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in fields.items() if k in known})
+
+
+def checkpointer() -> ocp.Checkpointer:
+    """A synchronous composite checkpointer that knows the item handlers of a step directory."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+        registry.add("params", args, ocp.StandardCheckpointHandler())
+    registry.add("params", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+        registry.add("model_config", args, ocp.JsonCheckpointHandler())
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
+
+
+def save_params(directory, config: ModelConfig, params) -> None:
+    """Writes a params-only step directory (what `to-orbax` produces and `init_from` reads)."""
+    directory = epath.Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists; choose a new output directory.")
+    checkpointer().save(
+        directory,
+        ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            model_config=ocp.args.JsonSave(model_config_to_json(config)),
+        ),
+    )
+
+
+def kind_of(directory) -> str:
+    """'hf', 'step' or 'workdir' for a directory holding a checkpoint; a clear error otherwise."""
+    directory = epath.Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"Checkpoint path {directory} does not exist.")
+    if (directory / "config.json").exists():
+        return "hf"
+    if (directory / "params").exists() and (directory / "model_config").exists():
+        return "step"
+    if (directory / CHECKPOINTS_SUBDIR).exists():
+        return "workdir"
+    raise FileNotFoundError(
+        f"{directory} is neither a Hugging Face checkpoint (config.json), an Orbax step directory "
+        f"(params/ and model_config/) nor a training workdir ({CHECKPOINTS_SUBDIR}/)."
+    )
+
+
+def latest_step_dir(workdir) -> epath.Path:
+    """The newest complete step directory of a training workdir."""
+    root = epath.Path(workdir) / CHECKPOINTS_SUBDIR
+    steps = ocp.utils.checkpoint_steps(root) if root.exists() else []
+    if not steps:
+        raise FileNotFoundError(f"{root} holds no complete checkpoint.")
+    return root / str(max(steps))
+
+
+def read_model_config(step_dir) -> ModelConfig:
+    restored = checkpointer().restore(
+        epath.Path(step_dir), ocp.args.Composite(model_config=ocp.args.JsonRestore())
+    )
+    return model_config_from_json(restored.model_config)
+
+
+def load_params(directory, *, shardings=None, as_numpy: bool = False) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) from an HF directory, an Orbax step directory or a training workdir.
+
+    `shardings` (a pytree of NamedSharding matching the params) places the restored arrays on a
+    mesh; Orbax reshards, so the checkpoint may come from another mesh or device count.
+    """
+    kind = kind_of(directory)
+    if kind == "hf":
+        from rdlm.interop import huginn
+
+        config, params = huginn.load_hf_checkpoint(directory)
+        if shardings is not None:
+            params = jax.device_put(params, shardings)
+        return config, params
+    step_dir = latest_step_dir(directory) if kind == "workdir" else epath.Path(directory)
+    config = read_model_config(step_dir)
+    ckpt = checkpointer()
+    metadata = ckpt.metadata(step_dir).item_metadata["params"]
+    if as_numpy:
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+        args = ocp.args.PyTreeRestore(restore_args=restore_args)
+    else:
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, abstract)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        args = ocp.args.StandardRestore(abstract)
+    restored = ckpt.restore(step_dir, ocp.args.Composite(params=args))
+    return config, restored.params

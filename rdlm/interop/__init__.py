@@ -1,0 +1,1 @@
+"""Checkpoint formats of other codebases: Hugging Face Huginn."""
