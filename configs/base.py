@@ -1,0 +1,106 @@
+"""Defaults for every field of a training run; the other configs start from here.
+
+Override any field on the command line: `--config.train.num_steps=100 --config.model.n_embd=128`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from rdlm.data import config as data_config
+from rdlm.model.config import PRESETS, ModelConfig
+
+# Recurrence is set in `config.recurrence`, not in `config.model`.
+_RECURRENCE_FIELDS = ("mean_recurrence", "mean_backprop_depth")
+
+
+def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
+    """`config.model`: every ModelConfig field, from a preset of the size table, with overrides."""
+    fields = {k: v for k, v in vars(ModelConfig.preset(preset, **overrides)).items() if k not in _RECURRENCE_FIELDS}
+    model = ml_collections.ConfigDict(fields)
+    if fields["attention_window"] is None:
+        model.attention_window = config_dict.placeholder(int)
+    return model
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.init_from = ""  # Params-only start: an HF dir, an Orbax step dir or a workdir (ignored on resume).
+
+    # Model shape and numerics: the ModelConfig fields (rdlm/model/config.py), from a preset of PRESETS.
+    assert "tiny" in PRESETS
+    c.model = model_section("tiny")
+
+    # Depth per training step (paper section 3.1): r = Poisson(e^tau) + 1, tau ~ N(log mean - sigma^2/2, sigma).
+    c.recurrence = ml_collections.ConfigDict()
+    c.recurrence.mean = 8  # r-bar, the mean number of iterations (also the default at test time).
+    c.recurrence.backprop = 4  # k-bar: the last min(k-bar, r) iterations get gradient.
+    c.recurrence.sigma = 0.5  # Spread of the log-normal rate.
+    c.recurrence.fixed = 0  # > 0: always run exactly this many iterations (all with gradient).
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000  # Optimizer steps.
+    c.train.seed = 0  # Seeds init, the recurrence draws, the initial states and the data order.
+    c.train.batch_size = 32  # Global sequences per optimizer step (over all processes and micro-batches).
+    c.train.grad_accum_steps = 1  # Micro-batches per optimizer step (same r for all of them).
+    c.train.time_budget_minutes = 0.0  # > 0: stop training after this long (checkpoint, then evaluate).
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam_atan2"  # 'adam_atan2' (the paper's ELLISAdam) or 'adamw'.
+    c.optim.lr = 4e-5  # Peak learning rate.
+    c.optim.b1 = 0.9  # First-moment decay.
+    c.optim.b2 = 0.95  # Second-moment decay.
+    c.optim.eps = 1e-8  # AdamW only; adam_atan2 needs none.
+    c.optim.weight_decay = 4e-5  # Fraction of each matrix removed per step at peak lr (decoupled).
+    c.optim.grad_clip = 1.0  # Global gradient-norm clip; 0 turns it off.
+    c.optim.schedule = "warmup_constant"  # 'warmup_constant' (paper), 'wsd' or 'cosine'.
+    c.optim.warmup_steps = 4096  # Linear warm-up length.
+    c.optim.decay_fraction = 0.2  # wsd: share of train.num_steps spent decaying at the end.
+    c.optim.decay_shape = "linear"  # wsd: 'linear' or '1-sqrt'.
+    c.optim.min_lr_ratio = 0.0  # wsd/cosine: final lr as a fraction of the peak.
+    c.optim.update_clipping = True  # adam_atan2: divide each tensor's step by max(1, RMS(g^2/v)).
+    c.optim.running_init = True  # adam_atan2: start the moments at m = g, v = g^2.
+
+    # Input pipeline (rdlm/data/config.py documents every field).
+    c.data = data_config.get_config()
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # Devices per axis of mesh.axis_names; one -1 takes the rest.
+    c.mesh.axis_names = ("data", "fsdp", "tensor")
+    c.mesh.dcn_shape = (1, 1, 1)  # Multi-slice TPU: slices per axis (a hybrid ICI/DCN mesh).
+    # Logical axis name -> mesh axes. Parameters: vocab, embed, heads, head_dim, qkv, mlp, gate_up,
+    # adapter, norm, layers. Activations: activation_batch/length/embed/mlp.
+    c.mesh.rules = (
+        ("activation_batch", ("data", "fsdp")),
+        ("activation_length", None),
+        ("activation_embed", None),
+        ("activation_mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("head_dim", None),
+        ("qkv", None),
+        ("mlp", "tensor"),
+        ("gate_up", None),
+        ("adapter", "tensor"),
+        ("norm", None),
+        ("layers", None),
+    )
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500  # Save every this many steps (and on SIGTERM, and at the end).
+    c.checkpoint.keep = 3  # Newest checkpoints kept.
+    c.checkpoint.async_save = True  # Write in the background while training goes on.
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10  # Train metrics to metrics.jsonl / TensorBoard / console.
+    c.log.peak_tflops = 0.0  # Per-device peak for MFU; 0 measures a float32 matmul at start.
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 500  # Validation loss during training; 0 turns it off.
+    c.eval.num_steps = (1, 4, 8, 16, 32, 64)  # Test-time r for validation loss during training.
+    c.eval.final_num_steps = (1, 2, 4, 8, 16, 32, 64)  # r of the final recurrence-scaling table.
+    c.eval.batch_size = 32  # Global sequences per validation batch.
+    c.eval.reasoning = True  # Final table: held-out reasoning accuracy per r (built-in data only).
+    c.eval.init_scale = 1.0  # Initial-state scale at evaluation (the reference's default draw).
+    c.eval.seed = 1234  # Seeds the initial states drawn at evaluation.
+    return c

@@ -1,0 +1,249 @@
+"""The built-in corpus, needing no download: stdlib Python sources mixed with reasoning problems.
+
+Code documents are the running interpreter's standard library `.py` files (no `test/`, `tests/` or
+site-packages); a stable hash of each file's relative path holds out a fixed share for validation.
+Task documents are problems from `rdlm.data.tasks`, formatted as prompt then answer, added until
+they make up `task_fraction` of the training tokens (counting BOS and EOS). Held-out problems use
+another seed, and training drops problems whose prompt is held out (where the problem space allows
+it). A SentencePiece tokenizer is trained on a sample of both and cached under `data.cache_dir`,
+keyed by a hash of its training text.
+"""
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import importlib
+import math
+import os
+import pathlib
+import sysconfig
+import zlib
+from typing import Any
+
+import numpy as np
+
+from rdlm.data import config as config_lib
+from rdlm.data import tokenizer as tokenizer_lib
+
+_EXCLUDED_DIRS = frozenset({"test", "tests", "site-packages"})
+_HELDOUT_SEED_OFFSET = 1_000_003
+# Problems per task generated for the tokenizer's training text and the tokens-per-problem estimate.
+_SAMPLE_PROBLEMS = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinSpec:
+    """The `data.builtin` fields that decide the corpus, as a hashable value."""
+
+    vocab_size: int
+    seed: int
+    tasks: tuple[str, ...]
+    difficulties: tuple[int, ...]
+    task_fraction: float
+    mask_prompt: bool
+    heldout_code_percent: float
+    heldout_problems: int
+    code_max_mb: float
+    tokenizer_train_mb: float
+
+    @classmethod
+    def from_config(cls, data_config) -> "BuiltinSpec":
+        """Reads `data.builtin` (see rdlm/data/config.py for the fields)."""
+        b = data_config.builtin
+        tasks = b.tasks.split(",") if isinstance(b.tasks, str) else b.tasks
+        if not 0.0 <= b.task_fraction < 1.0:
+            raise ValueError(
+                f"data.builtin.task_fraction={b.task_fraction} must be in [0, 1): it is the share "
+                "of training tokens that are reasoning problems."
+            )
+        return cls(
+            vocab_size=int(b.vocab_size), seed=int(b.seed),
+            tasks=tuple(t.strip() for t in tasks if t.strip()),
+            difficulties=tuple(int(d) for d in b.difficulties),
+            task_fraction=float(b.task_fraction), mask_prompt=bool(b.mask_prompt),
+            heldout_code_percent=float(b.heldout_code_percent),
+            heldout_problems=int(b.heldout_problems),
+            code_max_mb=float(b.code_max_mb), tokenizer_train_mb=float(b.tokenizer_train_mb),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinCorpus:
+    """The built corpus: its tokenizer, tokenized documents and token counts."""
+
+    tokenizer: tokenizer_lib.Tokenizer
+    train_docs: list[Any]  # np.int32 arrays (code) and dicts with `ids`/`loss_mask` (problems).
+    eval_docs: list[Any]
+    code_tokens: int
+    task_tokens: int
+
+
+def stdlib_files() -> list[pathlib.Path]:
+    """Returns the interpreter's stdlib `.py` files, sorted, without test dirs or site-packages."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _EXCLUDED_DIRS]
+        files += [pathlib.Path(folder, n) for n in names if n.endswith(".py")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _stable_hash(text: str) -> int:
+    """A hash that is the same in every process and Python version."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def code_texts(spec: BuiltinSpec) -> tuple[list[str], list[str]]:
+    """Returns (train, held-out) stdlib file texts; training keeps at most `code_max_mb`."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    names = [p.relative_to(root).as_posix() for p in stdlib_files()]
+    # A stable pseudo-random order, so that a size cap takes files from the whole library.
+    names.sort(key=lambda n: (_stable_hash(n), n))
+    train, heldout, budget = [], [], spec.code_max_mb * 1e6 or math.inf
+    for name in names:
+        path = root / name
+        if _stable_hash(name) % 10_000 < spec.heldout_code_percent * 100:
+            heldout.append(path.read_text(encoding="utf-8", errors="replace"))
+        elif budget >= path.stat().st_size:
+            train.append(path.read_text(encoding="utf-8", errors="replace"))
+            budget -= path.stat().st_size
+    return train, heldout
+
+
+def _tasks_module():
+    """Imports `rdlm.data.tasks` (owned elsewhere), naming the fix if it is missing."""
+    try:
+        return importlib.import_module("rdlm.data.tasks")
+    except ImportError as e:
+        raise ImportError(
+            "The built-in data mix needs rdlm.data.tasks for its reasoning problems; set "
+            f"data.builtin.task_fraction=0 to train on code only ({e})."
+        ) from e
+
+
+def _task_names(spec: BuiltinSpec) -> tuple[str, ...]:
+    """Returns the configured task names, all of `tasks.TASKS` by default."""
+    if spec.task_fraction == 0:
+        return ()
+    known = tuple(_tasks_module().TASKS)
+    unknown = [t for t in spec.tasks if t not in known]
+    if unknown:
+        raise ValueError(f"data.builtin.tasks has unknown tasks {unknown}; choose from {known}.")
+    return spec.tasks or known
+
+
+def _generate(task: str, num: int, seed: int, spec: BuiltinSpec) -> list:
+    """Generates `num` problems of one task."""
+    return list(_tasks_module().generate(task, num, seed=seed, difficulties=spec.difficulties))
+
+
+def _heldout(spec: BuiltinSpec) -> dict[str, list]:
+    """Generates the held-out problems of each task, from a seed training never uses."""
+    seed = spec.seed + _HELDOUT_SEED_OFFSET
+    return {t: _generate(t, spec.heldout_problems, seed, spec) for t in _task_names(spec)}
+
+
+def heldout_problems(data_config) -> dict[str, list]:
+    """Returns the held-out problems of each configured task (for the accuracy evaluation)."""
+    return _heldout(BuiltinSpec.from_config(config_lib.data_section(data_config)))
+
+
+def _drop_heldout(problems: list, heldout: list) -> list:
+    """Drops problems whose prompt is held out, except at difficulties too small to hold out.
+
+    At a difficulty where held-out prompts cover more than half of the generated problems (parity
+    of 2 bits has 4 prompts), the problem space is too small to separate and nothing is dropped.
+    """
+    seen = {p.prompt for p in heldout}
+    total, clash = collections.Counter(), collections.Counter()
+    for p in problems:
+        total[p.difficulty] += 1
+        clash[p.difficulty] += p.prompt in seen
+    separable = {d for d in total if 2 * clash[d] <= total[d]}
+    return [p for p in problems if p.difficulty not in separable or p.prompt not in seen]
+
+
+def encode_problems(tok: tokenizer_lib.Tokenizer, problems, mask_prompt: bool = True) -> list:
+    """Tokenizes problems as documents: prompt ids then answer ids, the prompt out of the loss.
+
+    Evaluation should prompt the model with `[bos] + tok.encode(problem.prompt)`, the same prefix
+    the model sees in training (packing adds BOS and EOS).
+    """
+    prompts = tok.encode_batch([p.prompt for p in problems])
+    answers = tok.encode_batch([p.answer for p in problems])
+    docs = []
+    for prompt, answer in zip(prompts, answers):
+        mask = np.concatenate([np.full(len(prompt), not mask_prompt), np.ones(len(answer), bool)])
+        docs.append({"ids": np.asarray(prompt + answer, dtype=np.int32), "loss_mask": mask})
+    return docs
+
+
+def _tokenizer_text(spec: BuiltinSpec, code: list[str], samples: dict[str, list]) -> list[str]:
+    """Returns the tokenizer's training text: a code sample and problems, in the mix's ratio."""
+    budget = spec.tokenizer_train_mb * 1e6 * (1 - spec.task_fraction)
+    texts = []
+    for text in code:
+        if budget <= 0:
+            break
+        texts.append(text)
+        budget -= len(text)
+    problems = [p.prompt + p.answer for task in samples.values() for p in task]
+    chunk = 64  # Problems per training sentence: short lines are cheap for SentencePiece this way.
+    texts += ["\n".join(problems[i:i + chunk]) for i in range(0, len(problems), chunk)]
+    return texts
+
+
+def cached_tokenizer(spec: BuiltinSpec, texts: list[str], cache_dir: str):
+    """Trains the tokenizer on `texts`, or loads it from the cache if this exact text was seen."""
+    key = hashlib.sha256(f"{spec.vocab_size}|{tokenizer_lib.INDENT_PIECES}".encode())
+    for text in texts:
+        key.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
+    path = os.path.join(os.path.expanduser(cache_dir), f"builtin-{key.hexdigest()[:16]}.model")
+    if os.path.isfile(path):
+        return tokenizer_lib.Tokenizer.from_file(path)
+    tok = tokenizer_lib.train_tokenizer(texts, spec.vocab_size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    tok.save(tmp)
+    os.replace(tmp, path)  # Atomic, so concurrent processes never read half a file.
+    return tok
+
+
+def _task_documents(tok, spec: BuiltinSpec, samples: dict, heldout: dict, budget: float) -> list:
+    """Tokenized training problems of every task, `budget` tokens (with BOS/EOS) per task."""
+    docs = []
+    for task, sample in samples.items():
+        sample_tokens = sum(len(d["ids"]) + 2 for d in encode_problems(tok, sample))
+        num = math.ceil(budget * len(sample) / sample_tokens)
+        # A margin for dropped held-out prompts, then documents until the budget is met.
+        problems = _drop_heldout(_generate(task, num + num // 4 + 16, spec.seed, spec),
+                                 heldout[task])
+        tokens = 0
+        for doc in encode_problems(tok, problems, spec.mask_prompt):
+            if tokens >= budget:
+                break
+            docs.append(doc)
+            tokens += len(doc["ids"]) + 2
+    return docs
+
+
+@functools.lru_cache(maxsize=2)
+def build(spec: BuiltinSpec, cache_dir: str) -> BuiltinCorpus:
+    """Builds the corpus (deterministic for a spec; cached per process)."""
+    code_train, code_eval = code_texts(spec)
+    samples = {t: _generate(t, _SAMPLE_PROBLEMS, spec.seed, spec) for t in _task_names(spec)}
+    tok = cached_tokenizer(spec, _tokenizer_text(spec, code_train, samples), cache_dir)
+
+    code = [np.asarray(ids, np.int32) for ids in tok.encode_batch(code_train)]
+    eval_docs = [np.asarray(ids, np.int32) for ids in tok.encode_batch(code_eval)]
+    code_tokens = sum(len(d) + 2 for d in code)
+    tasks = []
+    if samples:
+        heldout = _heldout(spec)
+        eval_docs += encode_problems(tok, [p for ps in heldout.values() for p in ps],
+                                     spec.mask_prompt)
+        budget = code_tokens * spec.task_fraction / (1 - spec.task_fraction) / len(samples)
+        tasks = _task_documents(tok, spec, samples, heldout, budget)
+    task_tokens = sum(len(d["ids"]) + 2 for d in tasks)
+    return BuiltinCorpus(tok, code + tasks, eval_docs, code_tokens, task_tokens)

@@ -1,0 +1,195 @@
+"""Training and validation input pipelines: documents -> shuffle -> host slice -> pack -> batch.
+
+The training iterator is a grain `DatasetIterator`: `get_state()` returns a small JSON-able dict
+and `set_state()` on a fresh iterator built from the same config, seed and process layout resumes
+exactly where the saved one was.
+"""
+
+import dataclasses
+import itertools
+import os
+
+import grain
+import numpy as np
+from absl import flags
+
+from rdlm.data import builtin, packing, sources
+from rdlm.data import config as config_lib
+from rdlm.data import tokenizer as tokenizer_lib
+
+SOURCES = ("builtin", "arrayrecord", "parquet")
+_EVAL_SHUFFLE_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """Token ids the packer needs; `eos` is None when documents get no EOS."""
+
+    bos: int
+    eos: int | None
+    pad: int
+
+
+def builtin_corpus(config) -> builtin.BuiltinCorpus:
+    """Returns the built-in corpus for this config (built once per process)."""
+    cfg = config_lib.data_section(config)
+    return builtin.build(builtin.BuiltinSpec.from_config(cfg), os.path.expanduser(cfg.cache_dir))
+
+
+def _metadata(cfg) -> dict:
+    """Returns the metadata.json beside ArrayRecord shards, or {}."""
+    if cfg.source != "arrayrecord":
+        return {}
+    return sources.read_metadata(sources.resolve_paths(cfg.paths)) or {}
+
+
+def load_tokenizer(config) -> tokenizer_lib.Tokenizer | None:
+    """Returns the corpus's tokenizer: data.tokenizer, the shards' metadata, or the built-in one."""
+    cfg = config_lib.data_section(config)
+    if cfg.tokenizer:
+        return tokenizer_lib.Tokenizer.from_file(os.path.expanduser(cfg.tokenizer))
+    if cfg.source == "builtin":
+        return builtin_corpus(cfg).tokenizer
+    path = _metadata(cfg).get("tokenizer")
+    return tokenizer_lib.Tokenizer.from_file(path) if path else None
+
+
+def corpus_vocab_size(config) -> int | None:
+    """Returns the vocabulary size of the corpus's tokenizer (or metadata.json), None if unknown.
+
+    The trainer checks it with `tokenizer.check_vocab(corpus_vocab_size(cfg), model_vocab_size)`.
+    """
+    cfg = config_lib.data_section(config)
+    tok = load_tokenizer(cfg)
+    return tok.vocab_size if tok is not None else _metadata(cfg).get("vocab_size")
+
+
+def special_ids(config) -> SpecialIds:
+    """Resolves BOS/EOS/pad: the data.*_id field if set, else the tokenizer, else metadata.json."""
+    cfg = config_lib.data_section(config)
+    tok, meta = load_tokenizer(cfg), _metadata(cfg)
+
+    def pick(name: str) -> int | None:
+        value = cfg[f"{name}_id"]
+        if value < 0 and tok is not None:
+            value = getattr(tok, f"{name}_id")
+        if value < 0:
+            value = meta.get(f"{name}_id", -1)
+        return value if value >= 0 else None
+
+    bos, eos, pad = pick("bos"), pick("eos"), pick("pad")
+    for name, value, needed in (("bos", bos, True), ("eos", eos, cfg.append_eos)):
+        if needed and value is None:
+            raise ValueError(
+                f"No {name.upper()} id is known for data.paths={cfg.paths!r}: set data.tokenizer "
+                f"or data.{name}_id" + ("" if name == "bos" else ", or data.append_eos=False") + "."
+            )
+    # Padding slots always get weight 0, so any id works when none is known.
+    return SpecialIds(bos=bos, eos=eos if cfg.append_eos else None, pad=0 if pad is None else pad)
+
+
+def _file_source(cfg, paths, field: str):
+    """Opens the configured kind of file source."""
+    files = sources.resolve_paths(paths, field)
+    if cfg.source == "arrayrecord":
+        return sources.ArrayRecordSource(files)
+    return sources.ParquetSource(files, cfg.parquet_column)
+
+
+def documents(config, split: str) -> grain.MapDataset:
+    """Returns the documents of `split` ('train' or 'eval') as a grain MapDataset."""
+    cfg = config_lib.data_section(config)
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}.")
+    if cfg.source == "builtin":
+        corpus = builtin_corpus(cfg)
+        ds = grain.MapDataset.source(corpus.train_docs if split == "train" else corpus.eval_docs)
+        what = f"The built-in corpus ({split} split)"
+    elif split == "eval" and cfg.eval_paths:
+        ds = grain.MapDataset.source(_file_source(cfg, cfg.eval_paths, "data.eval_paths"))
+        what = f"data.eval_paths={cfg.eval_paths!r}"
+    else:
+        ds = grain.MapDataset.source(_file_source(cfg, cfg.paths, "data.paths"))
+        what = f"data.paths={cfg.paths!r}"
+        sources.check_not_empty(ds, what)
+        held = 0 if cfg.eval_paths else cfg.eval_documents
+        if split == "eval" and held <= 0:
+            raise ValueError("No validation data: set data.eval_paths or data.eval_documents > 0.")
+        if held >= len(ds):
+            raise ValueError(
+                f"data.eval_documents={held} holds out all {len(ds)} documents of {what}; "
+                "lower it or set data.eval_paths."
+            )
+        ds = ds[held:] if split == "train" else ds[:held]
+    sources.check_not_empty(ds, what)
+    return ds
+
+
+def _pack_and_batch(ds: grain.MapDataset, cfg, batch_size: int, *, drop_remainder: bool,
+                    read_threads: int) -> grain.IterDataset:
+    """Streams documents through the packer and stacks rows into batches."""
+    if batch_size < 1:
+        raise ValueError(f"The per-process batch size must be at least 1, got {batch_size}.")
+    ids = special_ids(cfg)
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads)
+    rows = packing.PackIterDataset(
+        ds.to_iter_dataset(options),
+        seq_len=cfg.seq_len, bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad,
+    )
+    return rows.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def _host_slice(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+    """Returns this process's disjoint share of the documents."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+    if len(ds) < process_count:
+        raise ValueError(f"{len(ds)} documents cannot be split among {process_count} processes.")
+    return ds[process_index::process_count]
+
+
+def make_train_iterator(config, *, process_index: int, process_count: int, seed: int,
+                        batch_size_per_process: int) -> grain.DatasetIterator:
+    """Returns an endless (or `data.num_epochs`-long) checkpointable iterator of packed batches.
+
+    Each batch is a dict of numpy arrays with leading dim `batch_size_per_process`: `inputs`,
+    `targets`, `segment_ids`, `positions` (int32, [B, seq_len]) and `weights` (float32).
+    """
+    cfg = config_lib.data_section(config)
+    ds = documents(cfg, "train").seed(seed).shuffle()
+    ds = _host_slice(ds, process_index, process_count).repeat(cfg.num_epochs or None)
+    threads = 0 if cfg.source == "builtin" else cfg.read_threads
+    it = _pack_and_batch(ds, cfg, batch_size_per_process, drop_remainder=True,
+                         read_threads=threads)
+    if cfg.worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # grain workers read absl flags (e.g. in a notebook).
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
+    return iter(it)
+
+
+def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Pads a batch to `rows` rows with zero-weight rows of segment 0 (they add to no metric)."""
+    return {k: np.concatenate([v, np.zeros((rows - len(v),) + v.shape[1:], v.dtype)])
+            for k, v in batch.items()}
+
+
+def make_eval_batches(config, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                      num_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Returns the fixed validation batches of this process, the same on every call.
+
+    Every process gets exactly `num_batches` (default `data.eval_batches`) full batches, padded with
+    zero-weight rows where its share of the held-out documents runs out, so hosts stay in step.
+    """
+    cfg = config_lib.data_section(config)
+    num_batches = cfg.eval_batches if num_batches is None else num_batches
+    ds = documents(cfg, "eval").shuffle(seed=_EVAL_SHUFFLE_SEED)
+    ds = _host_slice(ds, process_index, process_count)
+    it = _pack_and_batch(ds, cfg, batch_size, drop_remainder=False, read_threads=0)
+    batches = list(itertools.islice(iter(it), num_batches))
+    if not batches:
+        raise ValueError(f"The validation documents of process {process_index} are empty.")
+    batches[-1] = _pad_rows(batches[-1], batch_size)
+    empty = {k: v[:0] for k, v in batches[-1].items()}
+    return batches + [_pad_rows(empty, batch_size) for _ in range(num_batches - len(batches))]

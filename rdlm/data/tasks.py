@@ -1,0 +1,72 @@
+"""Generated reasoning problems rendered as text, for training and for the depth-vs-accuracy evaluation.
+
+Each task has an integer difficulty that sets how many sequential steps the answer needs. A problem's
+document text is `prompt + answer`; the answer is what greedy decoding after the prompt must produce.
+
+- `parity`: a string of `difficulty` random bits, then `=`, then their XOR: `0110=0`. One bit per step.
+- `addition`: two `difficulty`-digit numbers, digits interleaved least-significant first as pairs, then `=`
+  and the carry out of the top digit, which depends on a chain of up to `difficulty` carries:
+  `a1b1 a2b2 ... =c`. About half the digit pairs sum to 9 so that carry chains are long.
+"""
+
+import dataclasses
+import random
+from typing import Sequence
+
+TASKS = ("parity", "addition")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One problem: `prompt + answer` is the document text; `difficulty` is the number of sequential steps."""
+
+    prompt: str
+    answer: str
+    difficulty: int
+
+
+def _parity(rng: random.Random, g: int) -> Problem:
+    """A `g`-bit string and the XOR of its bits."""
+    bits = [rng.randrange(2) for _ in range(g)]
+    return Problem("".join(map(str, bits)) + "=", str(sum(bits) % 2), g)
+
+
+def _addition(rng: random.Random, g: int) -> Problem:
+    """Two `g`-digit numbers as least-significant-first digit pairs, and the carry out of their sum."""
+    pairs, carry = [], 0
+    for _ in range(g):
+        if rng.random() < 0.5:
+            a = rng.randrange(10)
+            b = 9 - a
+        else:
+            a, b = rng.randrange(10), rng.randrange(10)
+        carry = int(a + b + carry >= 10)
+        pairs.append(f"{a}{b}")
+    return Problem(" ".join(pairs) + "=", str(carry), g)
+
+
+_MAKERS = {"parity": _parity, "addition": _addition}
+
+
+def generate(task: str, num: int, *, seed: int, difficulties: Sequence[int]) -> list[Problem]:
+    """`num` problems of `task`, each with a difficulty drawn uniformly from `difficulties`; deterministic per seed."""
+    if task not in _MAKERS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")
+    difficulties = list(difficulties)
+    if not difficulties:
+        raise ValueError(f"difficulties={difficulties} is empty; give at least one difficulty >= 1.")
+    bad = [g for g in difficulties if not isinstance(g, int) or isinstance(g, bool) or g < 1]
+    if bad:
+        raise ValueError(f"difficulties contains invalid value(s) {bad}; each must be an int >= 1.")
+    if num < 0:
+        raise ValueError(f"num={num} must be >= 0.")
+    rng = random.Random(f"{task}:{seed}")
+    return [_MAKERS[task](rng, rng.choice(difficulties)) for _ in range(num)]
+
+
+def check_answer(problem: Problem, generated: str) -> bool:
+    """Whether greedy output `generated` (what follows the prompt, leading spaces ignored) begins with the answer.
+
+    Only the answer's length is compared, so text decoded past the end of the answer does not matter.
+    """
+    return generated.lstrip(" ")[: len(problem.answer)] == problem.answer

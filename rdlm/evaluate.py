@@ -1,0 +1,149 @@
+"""What more test-time iterations buy: held-out reasoning accuracy and validation loss against r.
+
+Accuracy is exact match of the answer under teacher forcing: every answer token must be the
+argmax given the prompt and the answer's earlier tokens, which is exactly when greedy decoding
+after the prompt produces the answer.
+"""
+
+import collections
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh
+
+from rdlm import sharding
+from rdlm.model import RecurrentLM
+
+SCALING_JSON = "recurrence_scaling.json"
+SCALING_PNG = "recurrence_scaling.png"
+
+
+def problem_rows(tokenizer, problems, bos_id: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, answer_mask) per problem: [BOS] + prompt + answer, the mask on positions predicting the answer."""
+    prompts = tokenizer.encode_batch([p.prompt for p in problems])
+    answers = tokenizer.encode_batch([p.answer for p in problems])
+    rows = []
+    for prompt, answer in zip(prompts, answers):
+        ids = np.asarray([bos_id] + prompt + answer, np.int32)
+        mask = np.zeros(len(ids), bool)
+        mask[len(prompt) : len(prompt) + len(answer)] = True  # position t predicts ids[t + 1]
+        rows.append((ids, mask))
+    return rows
+
+
+def _batch(rows, length: int) -> dict[str, np.ndarray]:
+    B = len(rows)
+    batch = {k: np.zeros((B, length), np.int32) for k in ("inputs", "targets", "segment_ids")}
+    batch["answer_mask"] = np.zeros((B, length), bool)
+    for b, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        batch["inputs"][b, :n], batch["targets"][b, :n] = ids[:-1], ids[1:]
+        batch["segment_ids"][b, :n] = 1
+        batch["answer_mask"][b, :n] = mask[:-1]
+    return batch
+
+
+class ReasoningEval:
+    """Exact-match accuracy of held-out problems at any r, compiled once for every r."""
+
+    def __init__(self, model: RecurrentLM, mesh: Mesh, rules, *, batch_size: int, init_scale: float):
+        self.mesh, self.rules, self.batch_size = mesh, rules, batch_size
+        sharding.check_batch(batch_size, mesh, rules, "eval.batch_size")
+
+        def correct(params, batch, num_steps, rng):
+            out = model.apply(
+                {"params": params},
+                batch["inputs"],
+                num_steps=num_steps,
+                segment_ids=batch["segment_ids"],
+                init_scale=init_scale,
+                rngs={"state": rng},
+            )
+            right = (jnp.argmax(out.logits, axis=-1) == batch["targets"]) | ~batch["answer_mask"]
+            return jnp.all(right, axis=-1) & jnp.any(batch["answer_mask"], axis=-1)
+
+        self._correct = jax.jit(correct, out_shardings=sharding.replicated(mesh))
+
+    def __call__(self, params, rows, num_steps: int, rng) -> np.ndarray:
+        """Per problem, whether it was answered right at `num_steps` iterations."""
+        length = max(len(ids) for ids, _ in rows) - 1
+        results = []
+        B, P = self.batch_size, jax.process_count()
+        in_sharding = sharding.batch_sharding(self.mesh, self.rules)
+        for start in range(0, len(rows), B):
+            chunk = rows[start : start + B]
+            batch = _batch(chunk + [(np.zeros(2, np.int32), np.zeros(2, bool))] * (B - len(chunk)), length)
+            rows_here = B // P
+            local = {k: v[jax.process_index() * rows_here : (jax.process_index() + 1) * rows_here] for k, v in batch.items()}
+            global_batch = sharding.global_batch(local, in_sharding, B)
+            ok = self._correct(params, global_batch, jnp.int32(num_steps), jax.random.fold_in(rng, start))
+            results.append(np.asarray(ok)[: len(chunk)])
+        return np.concatenate(results)
+
+
+def accuracy_table(correct_by_r: dict[int, np.ndarray], labels: list[str]) -> dict:
+    """Overall and per-label (e.g. 'parity/d9-16') accuracy for each r."""
+    groups = collections.defaultdict(list)
+    for i, label in enumerate(labels):
+        groups[label].append(i)
+    by_group = {
+        label: [float(np.mean(correct_by_r[r][idx])) for r in sorted(correct_by_r)] for label, idx in groups.items()
+    }
+    overall = [float(np.mean(correct_by_r[r])) for r in sorted(correct_by_r)]
+    return {"accuracy": overall, "accuracy_by_difficulty": by_group}
+
+
+def format_table(result: dict) -> str:
+    """The recurrence-scaling table as fixed-width text."""
+    groups = list(result.get("accuracy_by_difficulty", {}))
+    head = ["r", "accuracy", "val_loss"] + groups
+    lines = ["  ".join(f"{h:>10}" for h in head)]
+    for i, r in enumerate(result["num_steps"]):
+        acc = result["accuracy"][i] if result.get("accuracy") else None
+        loss = result["val_loss"][i] if result.get("val_loss") else None
+        cells = [f"{r:>10d}", _cell(acc), _cell(loss)] + [_cell(result["accuracy_by_difficulty"][g][i]) for g in groups]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{'-':>10}" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:>10.4f}"
+
+
+def write_results(workdir, result: dict) -> None:
+    """`recurrence_scaling.json` and `recurrence_scaling.png` in the workdir (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    workdir = epath.Path(workdir)
+    (workdir / SCALING_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, workdir / SCALING_PNG)
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = result["num_steps"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if result.get("accuracy"):
+        for group, values in result.get("accuracy_by_difficulty", {}).items():
+            axes[0].plot(r, values, marker=".", alpha=0.5, label=group)
+        axes[0].plot(r, result["accuracy"], marker="o", color="black", linewidth=2.5, label="all held-out")
+        axes[0].legend(fontsize=7, ncol=2)
+    axes[0].set(xscale="log", xlabel="test-time iterations r", ylabel="held-out accuracy", title="Reasoning accuracy")
+    if result.get("val_loss"):
+        axes[1].plot(r, result["val_loss"], marker="o")
+    axes[1].set(xscale="log", xlabel="test-time iterations r", ylabel="validation loss", title="Validation loss")
+    for ax in axes:
+        ax.set_xticks(r, [str(x) for x in r])
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)

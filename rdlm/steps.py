@@ -1,0 +1,96 @@
+"""Pure, jitted steps: training with the paper's randomized depth, and validation loss at a given r."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rdlm import metrics as metrics_lib
+from rdlm.model import RecurrentLM, sample_num_steps
+from rdlm.state import TrainState
+
+# Streams folded into the run's rng, so each use draws independently.
+_DEPTH_STREAM, _STATE_STREAM = 0, 1
+
+
+def depth_for_step(recurrence, rng, step):
+    """(n, k) for an optimizer step: the paper's draw, or `recurrence.fixed` iterations all with gradient."""
+    if recurrence.fixed > 0:
+        return jnp.int32(0), jnp.int32(recurrence.fixed)
+    return sample_num_steps(jax.random.fold_in(rng, _DEPTH_STREAM), step, recurrence.mean, recurrence.backprop, recurrence.sigma)
+
+
+def weighted_loss(model: RecurrentLM, params, batch, num_steps, state_rng, init_scale: float = 1.0):
+    """(sum of weighted token cross-entropy, (sum of weights, model output))."""
+    out = model.apply(
+        {"params": params},
+        batch["inputs"],
+        num_steps=num_steps,
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        init_scale=init_scale,
+        rngs={"state": state_rng},
+    )
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
+    return jnp.sum(ce * batch["weights"]), (jnp.sum(batch["weights"]), out)
+
+
+def make_train_step(model: RecurrentLM, tx, schedule, recurrence, rng, grad_accum_steps: int) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`; with accumulation the batch has a leading micro-batch axis.
+
+    One depth (n, k) is drawn per optimizer step from the run's rng and the step number, so every
+    host and every micro-batch uses the same r; k is traced (at most `recurrence.backprop`).
+    """
+
+    def grads_of(params, batch, n, k, state_rng):
+        fn = jax.value_and_grad(lambda p: weighted_loss(model, p, batch, (n, k), state_rng), has_aux=True)
+        (loss_sum, (weight_sum, out)), grads = fn(params)
+        return loss_sum, weight_sum, grads, out
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        n, k = depth_for_step(recurrence, rng, state.step)
+        state_rng = jax.random.fold_in(jax.random.fold_in(rng, _STATE_STREAM), state.step)
+        if grad_accum_steps == 1:
+            loss_sum, weight_sum, grads, out = grads_of(state.params, batch, n, k, state_rng)
+        else:
+
+            def micro(carry, xs):
+                i, micro_batch = xs
+                loss_sum, weight_sum, grads, out = grads_of(state.params, micro_batch, n, k, jax.random.fold_in(state_rng, i))
+                acc_loss, acc_weight, acc_grads = carry
+                return (acc_loss + loss_sum, acc_weight + weight_sum, jax.tree.map(jnp.add, acc_grads, grads)), out
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            indices = jnp.arange(grad_accum_steps)
+            (loss_sum, weight_sum, grads), outs = jax.lax.scan(micro, (0.0, 0.0, zeros), (indices, batch))
+            out = jax.tree.map(lambda x: x[-1], outs)
+        denominator = jnp.maximum(weight_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denominator,
+            "grad_norm": optax.global_norm(grads),
+            "update_rms": metrics_lib.rms(updates),
+            "param_rms": metrics_lib.rms(params),
+            "lr": schedule(state.step),
+            "num_steps": n + k,
+            "num_steps_no_grad": n,
+            "loss_tokens": weight_sum,
+            "token_correlation": metrics_lib.token_correlation(out.state.astype(jnp.float32)),
+            "state_change": metrics_lib.relative_state_change(out.state.astype(jnp.float32), out.prev_state.astype(jnp.float32)),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(model: RecurrentLM, init_scale: float) -> Callable:
+    """`eval_step(params, batch, num_steps, rng) -> (loss sum, weight sum)`; num_steps is traced (one compile)."""
+
+    def eval_step(params, batch, num_steps, rng):
+        loss_sum, (weight_sum, _) = weighted_loss(model, params, batch, num_steps, rng, init_scale)
+        return loss_sum, weight_sum
+
+    return eval_step

@@ -1,0 +1,89 @@
+"""The reasoning-problem generator: determinism, correct answers, difficulty and input checks."""
+
+import pytest
+
+from rdlm.data import tasks
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_same_seed_same_problems_and_different_seed_differs(task):
+    a = tasks.generate(task, 50, seed=3, difficulties=range(4, 9))
+    assert a == tasks.generate(task, 50, seed=3, difficulties=range(4, 9))
+    assert a != tasks.generate(task, 50, seed=4, difficulties=range(4, 9))
+
+
+def test_tasks_with_the_same_seed_differ():
+    parity = tasks.generate("parity", 5, seed=0, difficulties=[6])
+    addition = tasks.generate("addition", 5, seed=0, difficulties=[6])
+    assert [p.prompt for p in parity] != [p.prompt for p in addition]
+
+
+def test_parity_answers_and_format():
+    for p in tasks.generate("parity", 300, seed=1, difficulties=[1, 2, 7, 30]):
+        bits = p.prompt[:-1]
+        assert p.prompt.endswith("=") and set(bits) <= {"0", "1"}
+        assert len(bits) == p.difficulty
+        assert p.answer == str(bits.count("1") % 2)
+
+
+def test_addition_answers_and_format():
+    for p in tasks.generate("addition", 300, seed=1, difficulties=[1, 3, 12]):
+        pairs = p.prompt[:-1].split(" ")
+        assert p.prompt.endswith("=") and len(pairs) == p.difficulty
+        a = int("".join(pair[0] for pair in reversed(pairs)))
+        b = int("".join(pair[1] for pair in reversed(pairs)))
+        assert p.answer == str(int(a + b >= 10**p.difficulty))
+
+
+def test_hand_worked_examples():
+    parity = {p.prompt: p.answer for p in tasks.generate("parity", 2000, seed=0, difficulties=[4])}
+    assert parity["1011="] == "1"  # three ones
+    assert parity["0110="] == "0"  # two ones
+    assert parity["0000="] == "0"
+    # Pairs are (a_i, b_i), least-significant digit first.
+    carry1 = {p.prompt: p.answer for p in tasks.generate("addition", 3000, seed=0, difficulties=[1])}
+    assert carry1["45="] == "0"  # 4 + 5 = 9
+    assert carry1["55="] == "1"  # 5 + 5 = 10
+    assert carry1["09="] == "0"
+    carry2 = {p.prompt: p.answer for p in tasks.generate("addition", 20000, seed=0, difficulties=[2])}
+    assert carry2["55 45="] == "1"  # 45 + 55 = 100: the carry from 5 + 5 runs through 4 + 5
+    assert carry2["54 45="] == "0"  # 45 + 54 = 99
+
+
+def test_difficulty_is_drawn_from_the_given_set_uniformly():
+    ds = [p.difficulty for p in tasks.generate("parity", 3000, seed=2, difficulties=[3, 5, 9])]
+    assert set(ds) == {3, 5, 9}
+    assert all(800 < ds.count(g) < 1200 for g in (3, 5, 9))
+
+
+def test_long_carry_chains_occur():
+    ps = tasks.generate("addition", 500, seed=0, difficulties=[10])
+    assert {p.answer for p in ps} == {"0", "1"}
+
+
+def test_check_answer():
+    p = tasks.Problem("1011=", "1", 4)
+    assert tasks.check_answer(p, "1")
+    assert tasks.check_answer(p, " 1")
+    assert tasks.check_answer(p, "1\n0110=")
+    assert not tasks.check_answer(p, "0")
+    assert not tasks.check_answer(p, "")
+    assert tasks.check_answer(p, "10110=")  # decoding ran on past the answer: only the answer is compared
+    assert not tasks.check_answer(p, "=1")
+
+
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [
+        (dict(task="sorting", num=3, seed=0, difficulties=[2]), "sorting"),
+        (dict(task="parity", num=3, seed=0, difficulties=[]), "empty"),
+        (dict(task="parity", num=3, seed=0, difficulties=range(5, 3)), "empty"),
+        (dict(task="parity", num=3, seed=0, difficulties=[0, 2]), "[0]"),
+        (dict(task="parity", num=3, seed=0, difficulties=[2.5]), "[2.5]"),
+        (dict(task="parity", num=-1, seed=0, difficulties=[2]), "num=-1"),
+    ],
+)
+def test_bad_input_raises_naming_the_value(kwargs, bad):
+    task = kwargs.pop("task")
+    with pytest.raises(ValueError, match=bad.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        tasks.generate(task, **kwargs)
