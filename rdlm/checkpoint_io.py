@@ -1,12 +1,14 @@
 """Model parameters on disk: Orbax step directories, training workdirs and Hugging Face directories.
 
 A step directory holds Orbax items side by side: `params`, `model_config` (JSON) and, for training
-checkpoints, `opt_state`, `data_iter` and `config`. Anything that only needs the model
+checkpoints, `opt_state`, `data_iter` (one JSON file per process) and `config`. Anything that only needs the model
 (`--config.init_from`, `rdlm.generate`, the converters) reads `params` + `model_config` through
 `load_params`, whatever kind of directory it is given.
 """
 
 import dataclasses
+import json
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,15 +29,69 @@ def model_config_from_json(fields: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in fields.items() if k in known})
 
 
+@dataclasses.dataclass
+class DataIterSave(ocp.args.CheckpointArgs):
+    state: Any  # this process's iterator state (a JSON-able dict), captured when the step was taken
+
+
+@dataclasses.dataclass
+class DataIterRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class DataIterHandler(ocp.CheckpointHandler):
+    """Each process writes and reads its own `process_<i>-of-<n>.json`."""
+
+    def _file(self, directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory: epath.Path, args: DataIterSave):
+        self._file(directory).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: DataIterRestore | None = None):
+        path = self._file(directory)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was written by a different number of processes "
+                f"than {jax.process_count()}; the data iterator cannot resume on another process count."
+            )
+        return json.loads(path.read_text())
+
+    def metadata(self, directory: epath.Path):
+        return None
+
+    def structure(self, directory: epath.Path):
+        return None
+
+    def finalize(self, directory: epath.Path):
+        pass
+
+    def close(self):
+        pass
+
+
+ocp.args.register_with_handler(DataIterHandler, for_save=True)(DataIterSave)
+ocp.args.register_with_handler(DataIterHandler, for_restore=True)(DataIterRestore)
+
+
+def registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The handler of every item a step directory may hold."""
+    items = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item in ("params", "opt_state"):
+        for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+            items.add(item, args, ocp.StandardCheckpointHandler())
+    items.add("params", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
+    for item in ("config", "model_config"):
+        for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+            items.add(item, args, ocp.JsonCheckpointHandler())
+    items.add("data_iter", DataIterSave, DataIterHandler())
+    items.add("data_iter", DataIterRestore, DataIterHandler())
+    return items
+
+
 def checkpointer() -> ocp.Checkpointer:
-    """A synchronous composite checkpointer that knows the item handlers of a step directory."""
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
-        registry.add("params", args, ocp.StandardCheckpointHandler())
-    registry.add("params", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
-    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
-        registry.add("model_config", args, ocp.JsonCheckpointHandler())
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
+    """A synchronous composite checkpointer that knows every item of a step directory."""
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry()))
 
 
 def save_params(directory, config: ModelConfig, params) -> None:
@@ -102,7 +158,7 @@ def load_params(directory, *, shardings=None, as_numpy: bool = False) -> tuple[M
     step_dir = latest_step_dir(directory) if kind == "workdir" else epath.Path(directory)
     config = read_model_config(step_dir)
     ckpt = checkpointer()
-    metadata = ckpt.metadata(step_dir).item_metadata["params"]
+    metadata = ckpt.metadata(step_dir).item_metadata["params"].tree
     if as_numpy:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
         args = ocp.args.PyTreeRestore(restore_args=restore_args)

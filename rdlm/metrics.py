@@ -240,3 +240,23 @@ def model_flops_per_token(
         + int(num_steps_with_grad) * core_iteration
     )
     return 3 * forward_with_grad + int(num_steps_no_grad) * core_iteration
+
+
+def read_events(logdir) -> list[tuple[str, int, Any]]:
+    """Every (tag, step, value or text) in the TensorBoard event files under `logdir` (no TensorFlow needed)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found = []
+    for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4  # length, its crc, payload, payload crc
+            for value in event.summary.value:
+                text = value.tensor.string_val[0].decode() if value.tensor.string_val else None
+                found.append((value.tag, event.step, value.simple_value if text is None else text))
+    return found

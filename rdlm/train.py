@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from rdlm import checkpoint, checkpoint_io, evaluate, metrics, optim, perf, sharding, state as state_lib, steps
+from rdlm import checkpoint, checkpoint_io, cli, evaluate, metrics, optim, perf, sharding, state as state_lib, steps
 from rdlm.data import builtin, pipeline
 from rdlm.data import tokenizer as tokenizer_lib
 from rdlm.model import ModelConfig, RecurrentLM
@@ -177,6 +177,8 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         if step % config.checkpoint.every_steps == 0 or out_of_time:
             save(state)
         if stop.should_stop(ckpts.manager, step):
+            if pending is not None:
+                _log(writer, progress, pending, config, model_config, peak, last_time, tokens_per_step)
             save(state)
             ckpts.wait()
             writer.close()
@@ -191,12 +193,14 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
     save(state)
     ckpts.wait()
 
-    eval_batches = eval_batches or _eval_batches(config, mesh, rules)
-    result = recurrence_scaling(config, model, state.params, mesh, rules, eval_batches, eval_step)
-    evaluate.write_results(workdir, result)
-    if primary:
-        print(evaluate.format_table(result), flush=True)
-        print(f"Wrote {workdir / evaluate.SCALING_JSON} and {workdir / evaluate.SCALING_PNG}", flush=True)
+    result = {}
+    if config.eval.final_num_steps:
+        eval_batches = eval_batches or _eval_batches(config, mesh, rules)
+        result = recurrence_scaling(config, model, state.params, mesh, rules, eval_batches, eval_step)
+        evaluate.write_results(workdir, result)
+        if primary:
+            print(evaluate.format_table(result), flush=True)
+            print(f"Wrote {workdir / evaluate.SCALING_JSON} and {workdir / evaluate.SCALING_PNG}", flush=True)
     writer.close()
     ckpts.close()
     return result
@@ -300,4 +304,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -2,31 +2,13 @@
 
 import io
 import json
-import struct
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX.proto import event_pb2
 
 from rdlm import metrics
-
-
-def read_events(logdir):
-    """Every (tag, step, value-or-text) in the TFRecord event files under `logdir`."""
-    found = []
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-            offset += 12 + length + 4  # length, its crc, payload, payload crc
-            for value in event.summary.value:
-                text = value.tensor.string_val[0].decode() if value.tensor.string_val else None
-                found.append((value.tag, event.step, value.simple_value if text is None else text))
-    return found
 
 
 def test_writer_files_read_back(tmp_path):
@@ -43,7 +25,7 @@ def test_writer_files_read_back(tmp_path):
     assert lines[1]["loss"] == 3.25 and lines[1]["grad_norm"] is None
     assert lines[2]["sample"] == "hello world"
 
-    events = read_events(tmp_path / "tensorboard")
+    events = metrics.read_events(tmp_path / "tensorboard")
     scalars = {(tag, step): v for tag, step, v in events if not isinstance(v, str)}
     assert scalars[("loss", 1)] == 3.5 and scalars[("loss", 2)] == 3.25
     assert abs(scalars[("lr", 1)] - 1e-4) < 1e-10 and scalars[("tokens", 1)] == 4096

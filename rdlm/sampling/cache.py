@@ -1,0 +1,112 @@
+"""The recurrent KV cache: one entry per prelude layer, per (core layer, iteration slot) and per coda layer.
+
+Row b's token at position p lives in cache slot p of that row (no padding inside the cache), so a
+row's valid keys are exactly the slots below its length, and rows may advance at different speeds.
+
+Core entries: a token run for R iterations writes iteration i into slot i mod C, with C = R (one
+slot per iteration, the reference's `full`) or C = kv_share (KV sharing, paper section 6.2). The
+reference's `compress-s{c}` counts core-layer slots, so kv_share=C is its `compress-s{C * n_core}`
+(e.g. the notebooks' s16 is kv_share=4 for huginn's 4 core layers; the vLLM plugin's s4 is kv_share=1).
+
+A token that stops early (adaptive exit, or a cheap draft) behaves as if its state had reached a
+fixed point: its last computed core entry is copied into every slot of the iterations it skipped,
+so a later token at iteration i reads the deepest entry that token wrote (the reference's
+`latest-m4` lookup, "attend to the deepest available KV").
+"""
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from rdlm.model.config import ModelConfig
+
+KV = tuple[jax.Array, jax.Array]
+
+
+@flax.struct.dataclass
+class KVCache:
+    prelude: KV  # (k, v), each [Lp, B, T, H, K]
+    core: KV  # (k, v), each [C, Lc, B, T, H, K]
+    coda: KV  # (k, v), each [Lk, B, T, H, K]
+    depth: int = flax.struct.field(pytree_node=False)  # R: iterations of a full-depth token
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, length: int, depth: int, kv_share: int | None = None):
+        slots = depth if kv_share is None else min(kv_share, depth)
+        H, K, dtype = config.n_heads, config.head_dim, config.compute_dtype
+
+        def zeros(*lead):
+            shape = (*lead, batch, length, H, K)
+            return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+        return cls(
+            prelude=zeros(config.n_layers_in_prelude),
+            core=zeros(slots, config.n_layers_in_recurrent_block),
+            coda=zeros(config.n_layers_in_coda),
+            depth=depth,
+        )
+
+    @property
+    def slots(self) -> int:
+        return self.core[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.core[0].shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    @property
+    def core_nbytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in self.core)
+
+    def past_mask(self, start_B, positions_BS, window: int | None):
+        """[B, S, T]: query s may see cached key t (t < the row's start, and inside the window)."""
+        t_T = jnp.arange(self.length)
+        mask = t_T[None, None, :] < start_B[:, None, None]
+        if window is not None:
+            mask &= positions_BS[:, :, None] - t_T[None, None, :] < window
+        return jnp.broadcast_to(mask, (*positions_BS.shape, self.length))
+
+    def core_slot(self, slot) -> KV:
+        """The stacked core-layer (k, v) of one iteration slot, [Lc, B, T, H, K] each."""
+        return tuple(jax.lax.dynamic_index_in_dim(x, slot, axis=0, keepdims=False) for x in self.core)
+
+    def write_prelude(self, kv: KV, positions_BS) -> "KVCache":
+        return self.replace(prelude=_write_stage(self.prelude, kv, positions_BS))
+
+    def write_coda(self, kv: KV, positions_BS) -> "KVCache":
+        return self.replace(coda=_write_stage(self.coda, kv, positions_BS))
+
+    def write_core(self, slot, kv: KV, positions_BS) -> "KVCache":
+        """Writes one iteration's core (k, v) [Lc, B, S, H, K] into `slot` at each row's positions."""
+        L, B, S = kv[0].shape[:3]
+        index = (slot, jnp.arange(L)[:, None, None], jnp.arange(B)[None, :, None], positions_BS[None])
+        return self.replace(core=tuple(c.at[index].set(u, mode="drop") for c, u in zip(self.core, kv)))
+
+    def fill_skipped(self, last_kv: KV, steps_B, positions_BS) -> "KVCache":
+        """Copies each row's last core entry into the slots of the iterations it skipped.
+
+        Slot j finally holds iteration i_j, the last iteration below R with i_j = j mod C; a row that
+        ran `steps` < R iterations did not compute i_j when i_j >= steps, so it gets the last entry.
+        """
+        C, L, B = self.slots, *last_kv[0].shape[:2]
+        j_C = jnp.arange(C)
+        last_iter_C = j_C + C * ((self.depth - 1 - j_C) // C)
+        skipped_CB = last_iter_C[:, None] >= steps_B[None, :]
+        index = (slice(None), jnp.arange(L)[:, None, None], jnp.arange(B)[None, :, None], positions_BS[None])
+        new = []
+        for c, u in zip(self.core, last_kv):
+            region = c.at[index].get(mode="fill", fill_value=0)  # [C, L, B, S, H, K]
+            region = jnp.where(skipped_CB[:, None, :, None, None, None], u[None], region)
+            new.append(c.at[index].set(region, mode="drop"))
+        return self.replace(core=tuple(new))
+
+
+def _write_stage(cache: KV, kv: KV, positions_BS) -> KV:
+    """Writes a stage's stacked (k, v) [L, B, S, H, K] at each row's positions of [L, B, T, H, K]."""
+    B = positions_BS.shape[0]
+    index = (slice(None), jnp.arange(B)[:, None], positions_BS)
+    return tuple(c.at[index].set(u, mode="drop") for c, u in zip(cache, kv))

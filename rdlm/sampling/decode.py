@@ -1,0 +1,215 @@
+"""Autoregressive sampling: a jitted prefill, then a jitted lax.while_loop over a preallocated KV cache.
+
+    out = generate(config, params, [[1, 5, 9], [1, 7]], max_new_tokens=16, num_steps=32)
+    out.tokens           # [B, P + 16]: each row's prompt, its new tokens, then pad
+    out.steps_per_token  # [B, 16]: core iterations each new token used (0 after a row ended)
+
+`Sampler(config, options)` holds the compiled functions; calling it again with the same shapes
+reuses them (generate() keeps a few Samplers around for the same reason).
+"""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rdlm.model import RecurrentLM, recurrence
+from rdlm.model.config import ModelConfig
+from rdlm.sampling import logits as logits_lib
+from rdlm.sampling.block import run_block
+from rdlm.sampling.cache import KVCache
+from rdlm.sampling.options import Knobs, SamplerOptions
+from rdlm.sampling.prompts import batch_prompts, check_fits
+
+
+@flax.struct.dataclass
+class GenerateOutput:
+    tokens: jax.Array  # [B, P + max_new_tokens] int32: prompt (right-padded rows), new tokens, pad
+    steps_per_token: jax.Array  # [B, max_new_tokens] int32 core iterations per new token; 0 = not generated
+    prompt_lengths: jax.Array  # [B] int32
+
+    def new_tokens(self) -> list[list[int]]:
+        """Each row's generated tokens (through its stop token, if it emitted one)."""
+        tokens, steps, lengths = (np.asarray(x) for x in (self.tokens, self.steps_per_token, self.prompt_lengths))
+        counts = (steps > 0).sum(axis=1)
+        return [tokens[b, lengths[b] : lengths[b] + counts[b]].tolist() for b in range(tokens.shape[0])]
+
+
+@flax.struct.dataclass
+class SamplingState:
+    cache: KVCache
+    tokens_BN: jax.Array  # [B, P + max_new] output buffer
+    prompt_lengths_B: jax.Array
+    lengths_B: jax.Array  # tokens of each row whose KV is cached; the row's next input sits at this position
+    last_token_B: jax.Array  # each row's newest token (its KV is not cached yet)
+    num_new_B: jax.Array  # new tokens emitted per row
+    done_B: jax.Array  # the row emitted a stop token or its max_new_tokens
+    steps_BM: jax.Array  # [B, max_new] iterations per new token
+    state_BD: jax.Array  # final state of each row's newest position (continuous chain-of-thought)
+    rng: jax.Array
+
+
+def emit(st: SamplingState, knobs: Knobs, tokens_BK, count_B, steps_BK) -> SamplingState:
+    """Appends the first count_B[b] of tokens_BK[b] to each live row, through a stop token, within budget."""
+    B, K = tokens_BK.shape
+    N, M = st.tokens_BN.shape[1], st.steps_BM.shape[1]
+    k_K = jnp.arange(K)
+    want = (k_K[None] < count_B[:, None]) & ~st.done_B[:, None] & (st.num_new_B[:, None] + k_K[None] < M)
+    stop = logits_lib.is_stop(tokens_BK, knobs.stop_tokens) & want
+    keep = want & ((jnp.cumsum(stop, axis=1) - stop) == 0)
+    b_B1 = jnp.arange(B)[:, None]
+    new_index = st.num_new_B[:, None] + k_K[None]
+    tokens_BN = st.tokens_BN.at[b_B1, jnp.where(keep, st.prompt_lengths_B[:, None] + new_index, N)].set(
+        tokens_BK, mode="drop"
+    )
+    steps_BM = st.steps_BM.at[b_B1, jnp.where(keep, new_index, M)].set(steps_BK, mode="drop")
+    num_new = st.num_new_B + keep.sum(axis=1, dtype=jnp.int32)
+    done = st.done_B | jnp.any(stop & keep, axis=1) | (num_new >= M)
+    return st.replace(tokens_BN=tokens_BN, steps_BM=steps_BM, num_new_B=num_new, done_B=done)
+
+
+def initial_states(model: RecurrentLM, options: SamplerOptions, rng, shape):
+    return recurrence.initial_state(model.config, rng, shape, options.init_scale)
+
+
+def prefill(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, params, prompt_BP, lengths_B, rng, *,
+            max_new_tokens: int, extra_length: int = 0, kv_share: int | None = None) -> SamplingState:
+    """Runs the prompts (full depth, or adaptive) into a fresh cache and emits each row's first token."""
+    cfg = model.config
+    B, P = prompt_BP.shape
+    cache = KVCache.create(cfg, B, P + max_new_tokens + extra_length, options.num_steps, kv_share)
+    rng, k_init, k_tok = jax.random.split(rng, 3)
+    valid_BP = jnp.arange(P)[None] < lengths_B[:, None]
+    init = initial_states(model, options, k_init, (B, P, cfg.n_embd))
+    out = run_block(model, params, cache, prompt_BP, jnp.zeros((B,), jnp.int32), valid_BP, init, jnp.ones((B,), bool),
+                    num_steps=options.num_steps, exit=options.exit, knobs=knobs, fresh=True, logits_at_B=lengths_B - 1)
+    token_B = logits_lib.choose(k_tok, out.logits, options.temperature, options.top_k, options.top_p, options.min_p)
+    tokens_BN = jnp.full((B, P + max_new_tokens), options.pad_id, jnp.int32)
+    tokens_BN = tokens_BN.at[:, :P].set(jnp.where(valid_BP, prompt_BP, options.pad_id))
+    st = SamplingState(
+        cache=out.cache,
+        tokens_BN=tokens_BN,
+        prompt_lengths_B=lengths_B,
+        lengths_B=lengths_B,
+        last_token_B=token_B,
+        num_new_B=jnp.zeros((B,), jnp.int32),
+        done_B=jnp.zeros((B,), bool),
+        steps_BM=jnp.zeros((B, max_new_tokens), jnp.int32),
+        state_BD=jnp.take_along_axis(out.state_BSD, (lengths_B - 1)[:, None, None], axis=1)[:, 0],
+        rng=rng,
+    )
+    return emit(st, knobs, token_B[:, None], jnp.ones((B,), jnp.int32), out.steps_B[:, None])
+
+
+def decode_step(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, params, st: SamplingState) -> SamplingState:
+    """Feeds each live row's newest token and emits the next one."""
+    B, D = st.state_BD.shape
+    rng, k_init, k_tok = jax.random.split(st.rng, 3)
+    init = st.state_BD[:, None] if options.continuous else initial_states(model, options, k_init, (B, 1, D))
+    live = ~st.done_B
+    out = run_block(model, params, st.cache, st.last_token_B[:, None], st.lengths_B, jnp.ones((B, 1), bool), init, live,
+                    num_steps=options.num_steps, exit=options.exit, knobs=knobs, logits_at_B=jnp.zeros((B,), jnp.int32))
+    token_B = logits_lib.choose(k_tok, out.logits, options.temperature, options.top_k, options.top_p, options.min_p)
+    st = st.replace(
+        cache=out.cache,
+        lengths_B=st.lengths_B + live.astype(jnp.int32),
+        last_token_B=token_B,
+        state_BD=out.state_BSD[:, 0],
+        rng=rng,
+    )
+    return emit(st, knobs, token_B[:, None], jnp.ones((B,), jnp.int32), out.steps_B[:, None])
+
+
+class Sampler:
+    """Compiled prefill and decode loop for one (model config, static options); reuse it to avoid recompiling.
+
+    Calls may pass other `options` with the same `static()` part (another exit threshold, min_steps
+    or stop tokens): they run on the same compiled code.
+    """
+
+    def __init__(self, config: ModelConfig, options: SamplerOptions):
+        options.check_vocab(config.vocab_size)
+        self.config, self.options, self.static = config, options, options.static()
+        self.model = RecurrentLM(config)
+        self.prefill = jax.jit(self._prefill, static_argnames="max_new_tokens")
+        self.decode = jax.jit(self._decode, donate_argnums=2)
+
+    def _prefill(self, params, knobs, prompt_BP, lengths_B, rng, max_new_tokens: int) -> SamplingState:
+        return prefill(self.model, self.static, knobs, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
+                       kv_share=self.static.kv_share)
+
+    def _decode(self, params, knobs, st: SamplingState) -> SamplingState:
+        step = functools.partial(decode_step, self.model, self.static, knobs, params)
+        return jax.lax.while_loop(lambda s: jnp.any(~s.done_B), step, st)
+
+    def knobs(self, options: SamplerOptions | None = None) -> Knobs:
+        options = self.options if options is None else options
+        if options.static() != self.static:
+            raise ValueError("These options differ from the Sampler's beyond exit_threshold, min_steps and stop_tokens; "
+                             "make a new Sampler for them.")
+        options.check_vocab(self.config.vocab_size)
+        return options.knobs()
+
+    def run(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None, rng=None,
+            options: SamplerOptions | None = None) -> SamplingState:
+        """Prefill + decode; returns the final sampling state (cache included)."""
+        knobs = self.knobs(options)
+        ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.static.pad_id)
+        check_fits(self.config, ids, lengths, max_new_tokens)
+        rng = jax.random.key(0) if rng is None else rng
+        st = self.prefill(params, knobs, ids, lengths, rng, max_new_tokens=max_new_tokens)
+        return self.decode(params, knobs, st)
+
+    def __call__(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None, rng=None,
+                 options: SamplerOptions | None = None) -> GenerateOutput:
+        st = self.run(params, prompt_ids, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths, rng=rng,
+                      options=options)
+        return GenerateOutput(tokens=st.tokens_BN, steps_per_token=st.steps_BM, prompt_lengths=st.prompt_lengths_B)
+
+
+@functools.lru_cache(maxsize=8)
+def cached_sampler(config: ModelConfig, static: SamplerOptions) -> Sampler:
+    """A Sampler per (config, static options), so repeated generate() calls reuse compiled code."""
+    return Sampler(config, static)
+
+
+def generate(
+    config: ModelConfig,
+    params,
+    prompt_ids,
+    *,
+    max_new_tokens: int,
+    num_steps: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    stop_tokens=(),
+    rng=None,
+    init_scale: float = 1.0,
+    exit_criterion: str | None = None,
+    exit_threshold=None,
+    min_steps: int = 0,
+    kv_share: int | None = None,
+    continuous: bool = False,
+    prompt_lengths=None,
+    pad_id: int = 0,
+) -> GenerateOutput:
+    """Samples max_new_tokens per prompt with num_steps core iterations per token (fewer with an exit criterion).
+
+    prompt_ids: a list of token lists, or a right-padded [B, P] array with prompt_lengths. rng (a
+    jax key, default key(0)) drives the random initial states (init_scale > 0) and sampling.
+    exit_criterion: one of rdlm.sampling.exits.CRITERIA; exit_threshold None takes its default.
+    kv_share=c keeps c core KV slots per token (iteration i writes slot i mod c).
+    """
+    options = SamplerOptions.build(
+        num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop_tokens=stop_tokens,
+        pad_id=pad_id, init_scale=init_scale, exit_criterion=exit_criterion, exit_threshold=exit_threshold,
+        min_steps=min_steps, kv_share=kv_share, continuous=continuous,
+    )
+    options.check_vocab(config.vocab_size)
+    sampler = cached_sampler(config, options.static())
+    return sampler(params, prompt_ids, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths, rng=rng,
+                   options=options)

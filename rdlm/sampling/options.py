@@ -1,0 +1,102 @@
+"""The frozen, hashable sampler options, split into what compiled code specialises on and traced knobs.
+
+A compiled sampler is specialised on `options.static()` (and shapes); the exit threshold, min_steps
+and the stop tokens travel as `Knobs` arrays, so sweeping them does not recompile.
+"""
+
+import dataclasses
+import math
+import numbers
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from rdlm.sampling.exits import DEFAULT_THRESHOLDS, ExitCriterion, make_criterion
+
+
+@flax.struct.dataclass
+class Knobs:
+    exit_threshold: jax.Array  # float32 scalar
+    min_steps: jax.Array  # int32 scalar: iterations before a token may exit (at least 1)
+    stop_tokens: jax.Array  # int32 [num_stops]
+
+
+def _check_int(name: str, value, low: int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low}.")
+
+
+def _check_float(name: str, value, low: float, high: float = math.inf, open_low: bool = False):
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not ok or value < low or value > high or (open_low and value == low):
+        bound = f"> {low}" if open_low else f">= {low}"
+        raise ValueError(f"{name}={value!r} must be a float {bound}" + (f" and <= {high}." if high < math.inf else "."))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+    """How tokens are produced; a Sampler compiles once per (options, shapes)."""
+
+    num_steps: int = 32  # core iterations per token (the reference's num_steps / r)
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    stop_tokens: tuple[int, ...] = ()  # a row ends after emitting one of these; later tokens are pad
+    pad_id: int = 0  # fills the output after a row's end
+    init_scale: float = 1.0  # std multiplier of the random initial state; 0 = zero state
+    exit: ExitCriterion | None = None  # per-token adaptive exit (see rdlm.sampling.exits)
+    min_steps: int = 0  # iterations every token runs before it may exit
+    kv_share: int | None = None  # core KV slots per token (None: one per iteration)
+    continuous: bool = False  # start each token's state from the previous token's final state
+
+    def __post_init__(self):
+        _check_int("num_steps", self.num_steps, 1)
+        _check_float("temperature", self.temperature, 0.0)
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, 1)
+        if self.top_p is not None:
+            _check_float("top_p", self.top_p, 0.0, 1.0, open_low=True)
+        if self.min_p is not None:
+            _check_float("min_p", self.min_p, 0.0, 1.0)
+        for t in self.stop_tokens:
+            _check_int("stop token", t, 0)
+        _check_int("pad_id", self.pad_id, 0)
+        _check_float("init_scale", self.init_scale, 0.0)
+        _check_int("min_steps", self.min_steps, 0)
+        if self.min_steps > self.num_steps:
+            raise ValueError(f"min_steps={self.min_steps} exceeds num_steps={self.num_steps}.")
+        if self.kv_share is not None:
+            _check_int("kv_share", self.kv_share, 1)
+            if self.kv_share > self.num_steps:
+                raise ValueError(f"kv_share={self.kv_share} exceeds num_steps={self.num_steps}; use None for a full cache.")
+
+    @classmethod
+    def build(cls, *, stop_tokens=(), exit_criterion=None, exit_threshold=None, **fields) -> "SamplerOptions":
+        """Options from generate()-style arguments (a criterion name and threshold, any iterable of stops)."""
+        if isinstance(stop_tokens, numbers.Integral):
+            stop_tokens = (stop_tokens,)
+        stop_tokens = tuple(stop_tokens)
+        for t in stop_tokens:
+            _check_int("stop token", t, 0)
+        return cls(stop_tokens=tuple(sorted({int(t) for t in stop_tokens})), exit=make_criterion(exit_criterion, exit_threshold), **fields)
+
+    def static(self) -> "SamplerOptions":
+        """These options without the knob values: the key compiled code is specialised on."""
+        exit = None if self.exit is None else ExitCriterion(self.exit.name, DEFAULT_THRESHOLDS[self.exit.name])
+        return dataclasses.replace(self, exit=exit, min_steps=0, stop_tokens=())
+
+    def knobs(self) -> Knobs:
+        threshold = 0.0 if self.exit is None else float(self.exit.threshold)
+        return Knobs(
+            exit_threshold=jnp.asarray(threshold, jnp.float32),
+            min_steps=jnp.asarray(max(self.min_steps, 1), jnp.int32),
+            stop_tokens=jnp.asarray(self.stop_tokens, jnp.int32).reshape(-1),
+        )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        for name, ids in (("stop token", self.stop_tokens), ("pad_id", (self.pad_id,))):
+            for t in ids:
+                if t >= vocab_size:
+                    raise ValueError(f"{name} {t} is outside the model's vocabulary (vocab_size={vocab_size}).")
