@@ -49,6 +49,8 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, 
     Explicit flags (e.g. several processes on one host) win; otherwise the environment of a
     multi-host TPU slice, a SLURM job or `JAX_COORDINATOR_ADDRESS` is auto-detected by JAX.
     """
+    # CPU processes exchange collectives through gloo; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator:
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
         return
@@ -98,9 +100,9 @@ def _global(batch: dict, sharding_, rows: int, accum: int):
     return sharding.global_batch(batch, sharding_, rows)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) a run in `workdir`; returns the final recurrence-scaling results."""
-    mesh = sharding.make_mesh(config.mesh)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+    """Trains (or resumes) a run in `workdir` on `devices` (default: all); returns the final results."""
+    mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.check_rules(config.mesh.rules, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _train_and_evaluate(config, epath.Path(workdir), mesh, rules)

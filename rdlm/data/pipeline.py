@@ -1,4 +1,4 @@
-"""Training and validation input pipelines: documents -> shuffle -> host slice -> pack -> batch.
+"""Training and validation input pipelines: documents -> shuffle -> one packed stream per batch row.
 
 The training iterator is a grain `DatasetIterator`: `get_state()` returns a small JSON-able dict
 and `set_state()` on a fresh iterator built from the same config, seed and process layout resumes
@@ -148,19 +148,73 @@ def _host_slice(ds: grain.MapDataset, process_index: int, process_count: int) ->
     return ds[process_index::process_count]
 
 
+class RowStreams(grain.IterDataset):
+    """Batches whose row j comes from its own packed stream; its state is the list of stream states."""
+
+    def __init__(self, streams: list[grain.IterDataset]):
+        super().__init__(streams)
+        self._streams = streams
+
+    def __iter__(self) -> "RowStreamsIterator":
+        return RowStreamsIterator([iter(s) for s in self._streams])
+
+
+class RowStreamsIterator(grain.DatasetIterator):
+    """Stacks one row from each stream; stops when any stream is exhausted (finite data.num_epochs)."""
+
+    def __init__(self, iterators):
+        super().__init__(iterators)
+        self._iterators = iterators
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [next(it) for it in self._iterators]
+        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+    def get_state(self) -> dict:
+        return {"streams": [it.get_state() for it in self._iterators]}
+
+    def set_state(self, state: dict) -> None:
+        if len(state["streams"]) != len(self._iterators):
+            raise ValueError(
+                f"The saved data iterator has {len(state['streams'])} row streams but this process has "
+                f"{len(self._iterators)}; resume with the same train.batch_size and process count."
+            )
+        for it, stream_state in zip(self._iterators, state["streams"]):
+            it.set_state(stream_state)
+
+
 def make_train_iterator(config, *, process_index: int, process_count: int, seed: int,
                         batch_size_per_process: int) -> grain.DatasetIterator:
     """Returns an endless (or `data.num_epochs`-long) checkpointable iterator of packed batches.
+
+    Row j of the global batch is its own stream: documents j, j + B, j + 2B, ... of the shuffled
+    corpus (B = global rows), packed in order, so a document that does not fit goes on in the same
+    row of the next batch. Process i owns rows [i * b, (i + 1) * b): the global batch is the same
+    whatever the number of processes, and each host reads only its own documents.
 
     Each batch is a dict of numpy arrays with leading dim `batch_size_per_process`: `inputs`,
     `targets`, `segment_ids`, `positions` (int32, [B, seq_len]) and `weights` (float32).
     """
     cfg = config_lib.data_section(config)
+    if batch_size_per_process < 1:
+        raise ValueError(f"The per-process batch size must be at least 1, got {batch_size_per_process}.")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+    rows = batch_size_per_process * process_count
     ds = documents(cfg, "train").seed(seed).shuffle()
-    ds = _host_slice(ds, process_index, process_count).repeat(cfg.num_epochs or None)
+    if len(ds) < rows:
+        raise ValueError(f"{len(ds)} training documents cannot fill {rows} row streams; lower train.batch_size.")
+    ids = special_ids(cfg)
     threads = 0 if cfg.source == "builtin" else cfg.read_threads
-    it = _pack_and_batch(ds, cfg, batch_size_per_process, drop_remainder=True,
-                         read_threads=threads)
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, 2 * threads))
+    streams = [
+        packing.PackIterDataset(
+            ds[j::rows].repeat(cfg.num_epochs or None).to_iter_dataset(options),
+            seq_len=cfg.seq_len, bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad,
+        )
+        for j in range(process_index * batch_size_per_process, (process_index + 1) * batch_size_per_process)
+    ]
+    it = RowStreams(streams)
     if cfg.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain workers read absl flags (e.g. in a notebook).
             flags.FLAGS.mark_as_parsed()

@@ -21,7 +21,7 @@ from rdlm.sampling.options import Knobs
 @flax.struct.dataclass
 class BlockResult:
     cache: KVCache
-    logits: jax.Array  # float32 [B, V] at `logits_at`, or [B, S, V]
+    logits: jax.Array | None  # float32 [B, S, V] (None when not asked for)
     state_BSD: jax.Array  # each position's final (raw) state s_r
     steps_B: jax.Array  # iterations each row ran
 
@@ -34,29 +34,8 @@ class _Carry:
     active_B: jax.Array
     steps_B: jax.Array
     exit_state: ExitState | None
+    logits: jax.Array | None  # the head's output after the latest iteration (logit criteria only)
     cache: KVCache
-
-
-def head(apply, cache: KVCache, state_BSD, positions_BS, segment_BS, start_B, fresh: bool, window, logits_at_B=None):
-    """Coda + head: (cache with the block's coda entries, logits at `logits_at` [B, V] or everywhere [B, S, V]).
-
-    For a long block that needs only one position's logits, the coda runs over the block without the
-    head, and then once more for that single position against the entries just written.
-    """
-    past = None if fresh else cache.coda
-    mask = None if fresh else cache.past_mask(start_B, positions_BS, window)
-    S = state_BSD.shape[1]
-    if logits_at_B is None or S == 1:
-        logits, _, kv = apply(state_BSD, positions_BS, segment_BS, past, mask, method=RecurrentLM.decode)
-        cache = cache.write_coda(kv, positions_BS)
-        return cache, (logits if logits_at_B is None else logits[:, 0])
-    _, _, kv = apply(state_BSD, positions_BS, segment_BS, past, mask, return_logits=False, method=RecurrentLM.decode)
-    cache = cache.write_coda(kv, positions_BS)
-    pos_B1 = jnp.take_along_axis(positions_BS, logits_at_B[:, None], axis=1)
-    state_B1D = jnp.take_along_axis(state_BSD, logits_at_B[:, None, None], axis=1)
-    mask = cache.past_mask(pos_B1[:, 0], pos_B1, window)
-    logits, _, _ = apply(state_B1D, pos_B1, jnp.ones_like(pos_B1), cache.coda, mask, method=RecurrentLM.decode)
-    return cache, logits[:, 0]
 
 
 def run_block(
@@ -73,30 +52,32 @@ def run_block(
     exit: ExitCriterion | None = None,
     knobs: Knobs | None = None,
     fresh: bool = False,
-    logits_at_B=None,
+    want_logits: bool = True,
 ) -> BlockResult:
     """Runs row b's tokens at positions start_B[b] + [0, S), attending to its cached slots below start_B[b].
 
     `fresh` (prefill) skips the cache reads. Rows with active_B False do no iterations. With `exit`,
-    `knobs` give its threshold and min_steps; distribution criteria are judged at `logits_at_B`
-    (default: the last position).
+    `knobs` give its threshold and min_steps; distribution criteria read the block's last position.
     """
     cfg = model.config
     apply = functools.partial(model.apply, {"params": params})
     B, S = tokens_BS.shape
-    window = cfg.attention_window
     positions_BS = start_B[:, None].astype(jnp.int32) + jnp.arange(S, dtype=jnp.int32)[None]
     segment_BS = valid_BS.astype(jnp.int32)
-    mask = None if fresh else cache.past_mask(start_B, positions_BS, window)
+    mask = None if fresh else cache.past_mask(start_B, positions_BS, cfg.attention_window)
 
     def past(kv):
         return None if fresh else kv
 
+    def head(cache, state_BSD, with_logits: bool):
+        logits, _, kv = apply(state_BSD, positions_BS, segment_BS, past(cache.coda), mask, return_logits=with_logits,
+                              method=RecurrentLM.decode)
+        return cache.write_coda(kv, positions_BS), logits
+
     embedded, kv = apply(tokens_BS, positions_BS, segment_BS, past(cache.prelude), mask, method=RecurrentLM.embed)
     cache = cache.write_prelude(kv, positions_BS)
     state = init_BSD.astype(cfg.compute_dtype)
-    kv_shape = (cfg.n_layers_in_recurrent_block, B, S, cfg.n_heads, cfg.head_dim)
-    exit_at = jnp.full((B,), S - 1, jnp.int32) if logits_at_B is None else logits_at_B
+    head_in_loop = exit is not None and exit.uses_logits
 
     def cond(c: _Carry):
         return (c.i < num_steps) & jnp.any(c.active_B)
@@ -110,21 +91,25 @@ def run_block(
         last_kv = tuple(jnp.where(act[None, :, None, None, None], n, o) for n, o in zip(kv, c.last_kv))
         cache = c.cache.write_core(slot, last_kv, positions_BS)
         steps = c.steps_B + act.astype(jnp.int32)
-        exit_state, active = c.exit_state, act
+        exit_state, active, logits = c.exit_state, act, c.logits
         if exit is not None:
-            logits = None
-            if exit.uses_logits:
-                cache, logits = head(apply, cache, state_BSD, positions_BS, segment_BS, start_B, fresh, window, exit_at)
-            exit_state, _, stop = exit.update(c.exit_state, logits, state_BSD, valid_BS, knobs.exit_threshold)
+            if head_in_loop:  # frozen rows recompute their final head, so the last one serves every row
+                cache, logits = head(cache, state_BSD, True)
+            last = None if logits is None else logits[:, -1]
+            exit_state, _, stop = exit.update(c.exit_state, last, state_BSD, valid_BS, knobs.exit_threshold)
             active = act & ~(stop & (steps >= knobs.min_steps))
-        return _Carry(c.i + 1, state_BSD, last_kv, active, steps, exit_state, cache)
+        return _Carry(c.i + 1, state_BSD, last_kv, active, steps, exit_state, logits, cache)
 
+    kv_shape = (cfg.n_layers_in_recurrent_block, B, S, cfg.n_heads, cfg.head_dim)
     zeros_kv = (jnp.zeros(kv_shape, cfg.compute_dtype), jnp.zeros(kv_shape, cfg.compute_dtype))
     exit_state = None if exit is None else exit.init(state, cfg.vocab_size)
-    carry = _Carry(jnp.int32(0), state, zeros_kv, active_B, jnp.zeros((B,), jnp.int32), exit_state, cache)
+    logits = jnp.zeros((B, S, cfg.vocab_size), jnp.float32) if head_in_loop else None
+    carry = _Carry(jnp.int32(0), state, zeros_kv, active_B, jnp.zeros((B,), jnp.int32), exit_state, logits, cache)
     carry = jax.lax.while_loop(cond, body, carry)
-    cache = carry.cache
+    cache, logits = carry.cache, carry.logits
     if exit is not None or num_steps < cache.depth:
         cache = cache.fill_skipped(carry.last_kv, carry.steps_B, positions_BS)
-    cache, logits = head(apply, cache, carry.state_BSD, positions_BS, segment_BS, start_B, fresh, window, logits_at_B)
-    return BlockResult(cache=cache, logits=logits, state_BSD=carry.state_BSD, steps_B=carry.steps_B)
+    if not head_in_loop:
+        cache, logits = head(cache, carry.state_BSD, want_logits)
+    return BlockResult(cache=cache, logits=logits if want_logits else None, state_BSD=carry.state_BSD,
+                       steps_B=carry.steps_B)

@@ -70,48 +70,61 @@ def emit(st: SamplingState, knobs: Knobs, tokens_BK, count_B, steps_BK) -> Sampl
     return st.replace(tokens_BN=tokens_BN, steps_BM=steps_BM, num_new_B=num_new, done_B=done)
 
 
-def initial_states(model: RecurrentLM, options: SamplerOptions, rng, shape):
-    return recurrence.initial_state(model.config, rng, shape, options.init_scale)
+def initial_states(config: ModelConfig, init_scale: float, rng, shape):
+    return recurrence.initial_state(config, rng, shape, init_scale)
 
 
-def prefill(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, params, prompt_BP, lengths_B, rng, *,
-            max_new_tokens: int, extra_length: int = 0, kv_share: int | None = None) -> SamplingState:
-    """Runs the prompts (full depth, or adaptive) into a fresh cache and emits each row's first token."""
-    cfg = model.config
+@functools.partial(jax.jit, static_argnames=("config", "num_steps", "kv_share", "init_scale", "max_new_tokens",
+                                             "extra_length", "pad_id"))
+def prefill(params, prompt_BP, lengths_B, rng, *, config: ModelConfig, num_steps: int, kv_share: int | None,
+            init_scale: float, max_new_tokens: int, extra_length: int = 0, pad_id: int = 0) -> SamplingState:
+    """Caches every prompt token but each row's last (at full depth) in a fresh cache of P + max_new + extra slots.
+
+    The last prompt token becomes the row's newest token: the decode loop feeds it and emits the
+    first new token, so prefill needs no head and is shared by every sampler with these settings.
+    """
+    model = RecurrentLM(config)
     B, P = prompt_BP.shape
-    cache = KVCache.create(cfg, B, P + max_new_tokens + extra_length, options.num_steps, kv_share)
-    rng, k_init, k_tok = jax.random.split(rng, 3)
+    cache = KVCache.create(config, B, P + max_new_tokens + extra_length, num_steps, kv_share)
+    rng, k_init, k_next = jax.random.split(rng, 3)
+    init = initial_states(config, init_scale, k_init, (B, P, config.n_embd))
+    out = run_block(model, params, cache, prompt_BP, jnp.zeros((B,), jnp.int32),
+                    jnp.arange(P)[None] < (lengths_B - 1)[:, None], init, jnp.ones((B,), bool),
+                    num_steps=num_steps, fresh=True, want_logits=False)
     valid_BP = jnp.arange(P)[None] < lengths_B[:, None]
-    init = initial_states(model, options, k_init, (B, P, cfg.n_embd))
-    out = run_block(model, params, cache, prompt_BP, jnp.zeros((B,), jnp.int32), valid_BP, init, jnp.ones((B,), bool),
-                    num_steps=options.num_steps, exit=options.exit, knobs=knobs, fresh=True, logits_at_B=lengths_B - 1)
-    token_B = logits_lib.choose(k_tok, out.logits, options.temperature, options.top_k, options.top_p, options.min_p)
-    tokens_BN = jnp.full((B, P + max_new_tokens), options.pad_id, jnp.int32)
-    tokens_BN = tokens_BN.at[:, :P].set(jnp.where(valid_BP, prompt_BP, options.pad_id))
-    st = SamplingState(
+    tokens_BN = jnp.full((B, P + max_new_tokens), pad_id, jnp.int32)
+    return SamplingState(
         cache=out.cache,
-        tokens_BN=tokens_BN,
+        tokens_BN=tokens_BN.at[:, :P].set(jnp.where(valid_BP, prompt_BP, pad_id)),
         prompt_lengths_B=lengths_B,
-        lengths_B=lengths_B,
-        last_token_B=token_B,
+        lengths_B=lengths_B - 1,
+        last_token_B=jnp.take_along_axis(prompt_BP, (lengths_B - 1)[:, None], axis=1)[:, 0],
         num_new_B=jnp.zeros((B,), jnp.int32),
         done_B=jnp.zeros((B,), bool),
         steps_BM=jnp.zeros((B, max_new_tokens), jnp.int32),
-        state_BD=jnp.take_along_axis(out.state_BSD, (lengths_B - 1)[:, None, None], axis=1)[:, 0],
+        state_BD=initial_states(config, init_scale, k_next, (B, config.n_embd)),
         rng=rng,
     )
-    return emit(st, knobs, token_B[:, None], jnp.ones((B,), jnp.int32), out.steps_B[:, None])
+
+
+def prefill_for(options: SamplerOptions, config: ModelConfig, params, prompt_BP, lengths_B, rng, *,
+                max_new_tokens: int, extra_length: int = 0, kv_share: int | None = None) -> SamplingState:
+    return prefill(params, prompt_BP, lengths_B, rng, config=config, num_steps=options.num_steps, kv_share=kv_share,
+                   init_scale=options.init_scale, max_new_tokens=max_new_tokens, extra_length=extra_length,
+                   pad_id=options.pad_id)
 
 
 def decode_step(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, params, st: SamplingState) -> SamplingState:
     """Feeds each live row's newest token and emits the next one."""
+    cfg = model.config
     B, D = st.state_BD.shape
     rng, k_init, k_tok = jax.random.split(st.rng, 3)
-    init = st.state_BD[:, None] if options.continuous else initial_states(model, options, k_init, (B, 1, D))
+    init = st.state_BD[:, None] if options.continuous else initial_states(cfg, options.init_scale, k_init, (B, 1, D))
     live = ~st.done_B
     out = run_block(model, params, st.cache, st.last_token_B[:, None], st.lengths_B, jnp.ones((B, 1), bool), init, live,
-                    num_steps=options.num_steps, exit=options.exit, knobs=knobs, logits_at_B=jnp.zeros((B,), jnp.int32))
-    token_B = logits_lib.choose(k_tok, out.logits, options.temperature, options.top_k, options.top_p, options.min_p)
+                    num_steps=options.num_steps, exit=options.exit, knobs=knobs)
+    token_B = logits_lib.choose(k_tok, out.logits[:, -1], options.temperature, options.top_k, options.top_p,
+                                options.min_p)
     st = st.replace(
         cache=out.cache,
         lengths_B=st.lengths_B + live.astype(jnp.int32),
@@ -123,7 +136,7 @@ def decode_step(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, param
 
 
 class Sampler:
-    """Compiled prefill and decode loop for one (model config, static options); reuse it to avoid recompiling.
+    """The compiled decode loop for one (model config, static options); reuse it to avoid recompiling.
 
     Calls may pass other `options` with the same `static()` part (another exit threshold, min_steps
     or stop tokens): they run on the same compiled code.
@@ -133,12 +146,11 @@ class Sampler:
         options.check_vocab(config.vocab_size)
         self.config, self.options, self.static = config, options, options.static()
         self.model = RecurrentLM(config)
-        self.prefill = jax.jit(self._prefill, static_argnames="max_new_tokens")
         self.decode = jax.jit(self._decode, donate_argnums=2)
 
-    def _prefill(self, params, knobs, prompt_BP, lengths_B, rng, max_new_tokens: int) -> SamplingState:
-        return prefill(self.model, self.static, knobs, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
-                       kv_share=self.static.kv_share)
+    def prefill(self, params, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> SamplingState:
+        return prefill_for(self.static, self.config, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
+                           kv_share=self.static.kv_share)
 
     def _decode(self, params, knobs, st: SamplingState) -> SamplingState:
         step = functools.partial(decode_step, self.model, self.static, knobs, params)
@@ -159,7 +171,7 @@ class Sampler:
         ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.static.pad_id)
         check_fits(self.config, ids, lengths, max_new_tokens)
         rng = jax.random.key(0) if rng is None else rng
-        st = self.prefill(params, knobs, ids, lengths, rng, max_new_tokens=max_new_tokens)
+        st = self.prefill(params, ids, lengths, rng, max_new_tokens=max_new_tokens)
         return self.decode(params, knobs, st)
 
     def __call__(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None, rng=None,

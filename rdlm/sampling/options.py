@@ -19,7 +19,7 @@ from rdlm.sampling.exits import DEFAULT_THRESHOLDS, ExitCriterion, make_criterio
 class Knobs:
     exit_threshold: jax.Array  # float32 scalar
     min_steps: jax.Array  # int32 scalar: iterations before a token may exit (at least 1)
-    stop_tokens: jax.Array  # int32 [num_stops]
+    stop_tokens: jax.Array  # int32 [8k], padded with -1 so that a few more stops reuse the compiled code
 
 
 def _check_int(name: str, value, low: int):
@@ -89,10 +89,11 @@ class SamplerOptions:
 
     def knobs(self) -> Knobs:
         threshold = 0.0 if self.exit is None else float(self.exit.threshold)
+        width = 8 * math.ceil(max(len(self.stop_tokens), 1) / 8)
         return Knobs(
             exit_threshold=jnp.asarray(threshold, jnp.float32),
             min_steps=jnp.asarray(max(self.min_steps, 1), jnp.int32),
-            stop_tokens=jnp.asarray(self.stop_tokens, jnp.int32).reshape(-1),
+            stop_tokens=jnp.asarray(self.stop_tokens + (-1,) * (width - len(self.stop_tokens)), jnp.int32),
         )
 
     def check_vocab(self, vocab_size: int) -> None:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from rdlm.model import RecurrentLM
 from rdlm.model.config import ModelConfig
 from rdlm.sampling import logits as logits_lib
-from rdlm.sampling.decode import GenerateOutput, SamplingState, emit, initial_states, prefill
+from rdlm.sampling.decode import GenerateOutput, SamplingState, emit, initial_states, prefill_for
 from rdlm.sampling.options import Knobs, SamplerOptions
 from rdlm.sampling.prompts import batch_prompts, check_fits
 
@@ -53,7 +53,7 @@ def _shift_left(x, shift_B, fill):
 
 
 class ParallelSampler:
-    """Compiled prefill and wavefront loop for one (model config, options, inner_steps, window)."""
+    """The compiled wavefront loop for one (model config, options, inner_steps, window)."""
 
     def __init__(self, config: ModelConfig, options: SamplerOptions, *, inner_steps: int = 4,
                  exit_threshold: float = 0.03, window: int | None = None):
@@ -71,23 +71,24 @@ class ParallelSampler:
         self.config, self.options, self.static = config, options, options.static()
         self.inner_steps, self.exit_threshold, self.window = inner_steps, float(exit_threshold), window
         self.model = RecurrentLM(config)
-        self.prefill = jax.jit(self._prefill, static_argnames="max_new_tokens")
         self.decode = jax.jit(self._decode, donate_argnums=2)
+        self._start = jax.jit(self._start_wave)
 
     def _fresh_states(self, rng, B):
-        return initial_states(self.model, self.static, rng, (B, self.window, self.config.n_embd))
+        return initial_states(self.config, self.static.init_scale, rng, (B, self.window, self.config.n_embd))
 
-    def _prefill(self, params, knobs, prompt_BP, lengths_B, rng, max_new_tokens: int) -> _Wave:
-        st = prefill(self.model, self.static, knobs, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
-                     extra_length=self.window, kv_share=1)
-        B, W = lengths_B.shape[0], self.window
+    def prefill(self, params, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> _Wave:
+        """The shared prefill (every prompt token but the last, one KV slot), then a window holding the last."""
+        st = prefill_for(self.static, self.config, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
+                         extra_length=self.window, kv_share=1)
+        return self._start(st)
+
+    def _start_wave(self, st: SamplingState) -> _Wave:
+        B, W = st.lengths_B.shape[0], self.window
         rng, k_init = jax.random.split(st.rng)
-        state = self._fresh_states(k_init, B)
-        if self.static.continuous:
-            state = jnp.broadcast_to(st.state_BD[:, None], state.shape).astype(state.dtype)
         tokens = jnp.zeros((B, W), jnp.int32).at[:, 0].set(st.last_token_B)
-        return _Wave(st.replace(rng=rng), tokens, state, jnp.zeros((B, W), jnp.int32),
-                     jnp.ones((B,), jnp.int32), jnp.int32(0))
+        return _Wave(st.replace(rng=rng), tokens, self._fresh_states(k_init, B), jnp.zeros((B, W), jnp.int32),
+                     jnp.ones((B,), jnp.int32), jnp.zeros((), jnp.int32))
 
     def _decode(self, params, knobs, wave: _Wave) -> _Wave:
         M = wave.base.steps_BM.shape[1]
@@ -164,7 +165,7 @@ class ParallelSampler:
         ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.static.pad_id)
         check_fits(self.config, ids, lengths, max_new_tokens)
         rng = jax.random.key(0) if rng is None else rng
-        wave = self.prefill(params, knobs, ids, lengths, rng, max_new_tokens=max_new_tokens)
+        wave = self.prefill(params, ids, lengths, rng, max_new_tokens=max_new_tokens)
         wave = self.decode(params, knobs, wave)
         st = wave.base
         return ParallelOutput(tokens=st.tokens_BN, steps_per_token=st.steps_BM, prompt_lengths=st.prompt_lengths_B,

@@ -19,7 +19,7 @@ from rdlm.model import RecurrentLM
 from rdlm.model.config import ModelConfig
 from rdlm.sampling import logits as logits_lib
 from rdlm.sampling.block import run_block
-from rdlm.sampling.decode import GenerateOutput, SamplingState, emit, initial_states, prefill
+from rdlm.sampling.decode import GenerateOutput, SamplingState, emit, initial_states, prefill_for
 from rdlm.sampling.options import Knobs, SamplerOptions
 from rdlm.sampling.prompts import batch_prompts, check_fits
 
@@ -44,7 +44,7 @@ class _SpecState:
 
 
 class SpeculativeSampler:
-    """Compiled prefill and draft/verify loop; greedy output equals plain greedy at `options.num_steps`."""
+    """The compiled draft/verify loop; greedy output equals plain greedy at `options.num_steps`."""
 
     def __init__(self, config: ModelConfig, options: SamplerOptions, *, draft_steps: int, lookahead: int,
                  verification_threshold: float = 1.0):
@@ -59,14 +59,13 @@ class SpeculativeSampler:
         self.config, self.options, self.static = config, options, options.static()
         self.draft_steps, self.lookahead, self.threshold = draft_steps, lookahead, float(verification_threshold)
         self.model = RecurrentLM(config)
-        self.prefill = jax.jit(self._prefill, static_argnames="max_new_tokens")
         self.decode = jax.jit(self._decode, donate_argnums=2)
 
-    def _prefill(self, params, knobs, prompt_BP, lengths_B, rng, max_new_tokens: int) -> _SpecState:
-        st = prefill(self.model, self.static, knobs, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
-                     extra_length=self.lookahead, kv_share=self.static.kv_share)
-        zeros = jnp.zeros_like(lengths_B)
-        return _SpecState(st, zeros, zeros, jnp.int32(0))
+    def prefill(self, params, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> _SpecState:
+        st = prefill_for(self.static, self.config, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
+                         extra_length=self.lookahead, kv_share=self.static.kv_share)
+        zeros = jnp.zeros_like(st.lengths_B)
+        return _SpecState(st, zeros, zeros, jnp.zeros((), jnp.int32))
 
     def _decode(self, params, knobs, sp: _SpecState) -> _SpecState:
         body = functools.partial(self._round, params, knobs)
@@ -83,16 +82,16 @@ class SpeculativeSampler:
 
         def draft_one(k, carry):
             cache, token_B, drafts_Bd = carry
-            init = initial_states(self.model, opts, jax.random.fold_in(k_init, k), (B, 1, cfg.n_embd))
+            init = initial_states(cfg, opts.init_scale, jax.random.fold_in(k_init, k), (B, 1, cfg.n_embd))
             out = run_block(self.model, params, cache, token_B[:, None], st.lengths_B + k, jnp.ones((B, 1), bool), init,
-                            live, num_steps=self.draft_steps, logits_at_B=jnp.zeros((B,), jnp.int32))
-            nxt = sample(jax.random.fold_in(k_draft, k), out.logits)
+                            live, num_steps=self.draft_steps)
+            nxt = sample(jax.random.fold_in(k_draft, k), out.logits[:, -1])
             return out.cache, nxt, drafts_Bd.at[:, k].set(nxt)
 
         carry = (st.cache, st.last_token_B, jnp.zeros((B, d), jnp.int32))
         cache, _, drafts_Bd = jax.lax.fori_loop(0, d, draft_one, carry)
         inputs_Bd = jnp.concatenate([st.last_token_B[:, None], drafts_Bd[:, :-1]], axis=1)
-        init = initial_states(self.model, opts, jax.random.fold_in(k_init, d), (B, d, cfg.n_embd))
+        init = initial_states(cfg, opts.init_scale, jax.random.fold_in(k_init, d), (B, d, cfg.n_embd))
         out = run_block(self.model, params, cache, inputs_Bd, st.lengths_B, jnp.ones((B, d), bool), init, live,
                         num_steps=opts.num_steps)
         logits_BdV = out.logits
@@ -127,7 +126,7 @@ class SpeculativeSampler:
         ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.static.pad_id)
         check_fits(self.config, ids, lengths, max_new_tokens)
         rng = jax.random.key(0) if rng is None else rng
-        sp = self.prefill(params, knobs, ids, lengths, rng, max_new_tokens=max_new_tokens)
+        sp = self.prefill(params, ids, lengths, rng, max_new_tokens=max_new_tokens)
         sp = self.decode(params, knobs, sp)
         st = sp.base
         return SpeculativeOutput(tokens=st.tokens_BN, steps_per_token=st.steps_BM, prompt_lengths=st.prompt_lengths_B,

@@ -1,0 +1,207 @@
+"""KV-cached sampling: parity with the reference's greedy outputs, full recomputation, batching, stops,
+compiled-code reuse, input errors, token filters and the CLI."""
+
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rdlm import checkpoint_io, generate as generate_cli
+from rdlm.interop import huginn, safetensors_io
+from rdlm.model import RecurrentLM
+from rdlm.sampling import SamplerOptions, decode, generate, logits, text
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(huginn_tiny_dir):
+    config, params = huginn.load_hf_checkpoint(huginn_tiny_dir / "checkpoint")
+    expected = safetensors_io.SafetensorsFile(huginn_tiny_dir / "expected.safetensors")
+    return config, params, {k: np.asarray(expected.get(k)) for k in expected.keys()}
+
+
+def greedy(config, params, prompts, r, **kwargs):
+    return generate(config, params, prompts, max_new_tokens=NEW, num_steps=r, init_scale=0.0, **kwargs)
+
+
+def batch_prompts(exp):
+    ids = exp["input_ids"]
+    return [ids[0, :8].tolist(), ids[1, :5].tolist(), ids[1, 10:13].tolist()]
+
+
+def padded_alone(config, params, prompt, r, **kwargs):
+    """One prompt alone in a batch of one, right-padded to width 8 (so every row reuses one compile)."""
+    row = np.zeros((1, 8), np.int32)
+    row[0, : len(prompt)] = prompt
+    return greedy(config, params, row, r, prompt_lengths=[len(prompt)], **kwargs)
+
+
+@pytest.mark.parametrize("r", [2, 8])
+def test_greedy_reproduces_reference(tiny, r):
+    config, params, exp = tiny
+    out = greedy(config, params, exp["input_ids"][:1, :8], r)
+    np.testing.assert_array_equal(out.tokens, exp[f"greedy_r{r}"])
+    np.testing.assert_array_equal(out.steps_per_token, np.full((1, NEW), r))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_cached_decoding_equals_full_recomputation(tiny, window):
+    config, params, exp = tiny
+    cfg = config.replace(attention_window=window)
+    tokens = np.asarray(greedy(cfg, params, exp["input_ids"][:1, :8], 2).tokens)
+    full = RecurrentLM(cfg).apply({"params": params}, tokens, num_steps=2, init_scale=0.0)
+    np.testing.assert_array_equal(np.argmax(full.logits, axis=-1)[0, 7:-1], tokens[0, 8:])
+    if window is not None:  # the window changes what the model sees
+        assert not np.array_equal(tokens, exp["greedy_r2"])
+
+
+def test_batch_rows_get_what_they_get_alone(tiny):
+    config, params, exp = tiny
+    prompts = batch_prompts(exp)
+    out = greedy(config, params, prompts, 2)
+    tokens, steps = np.asarray(out.tokens), np.asarray(out.steps_per_token)
+    assert tokens.shape == (3, 8 + NEW)
+    np.testing.assert_array_equal(tokens[0], exp["greedy_r2"][0])
+    for b, prompt in enumerate(prompts):
+        alone = padded_alone(config, params, prompt, 2)
+        n = len(prompt)
+        np.testing.assert_array_equal(tokens[b, : n + NEW], np.asarray(alone.tokens)[0, : n + NEW])
+        np.testing.assert_array_equal(tokens[b, :n], prompt)
+        assert (tokens[b, n + NEW :] == 0).all()
+    np.testing.assert_array_equal(steps, 2)
+
+
+def test_stop_tokens_end_rows(tiny):
+    config, params, exp = tiny
+    prompts = batch_prompts(exp)
+    free = greedy(config, params, prompts, 2).new_tokens()
+    stop = free[0][4]
+    out = greedy(config, params, prompts, 2, stop_tokens=[stop], pad_id=1)
+    tokens, steps = np.asarray(out.tokens), np.asarray(out.steps_per_token)
+    ends = []
+    for b, prompt in enumerate(prompts):
+        n, row = len(prompt), free[b]
+        end = row.index(stop) + 1 if stop in row else NEW
+        ends.append(end)
+        np.testing.assert_array_equal(tokens[b, n : n + end], row[:end])
+        assert (tokens[b, n + end :] == 1).all() and (steps[b, end:] == 0).all() and (steps[b, :end] == 2).all()
+        assert out.new_tokens()[b] == row[:end]
+    assert len(set(ends)) > 1 and min(ends) < NEW, ends
+
+
+def test_second_call_does_not_recompile(tiny):
+    config, params, exp = tiny
+    greedy(config, params, exp["input_ids"][:1, :8], 2)
+    sampler = decode.cached_sampler(config, SamplerOptions(num_steps=2, init_scale=0.0))
+    before = (sampler.decode._cache_size(), decode.prefill._cache_size())
+    other = greedy(config, params, exp["input_ids"][1:2, 3:11], 2, stop_tokens=[7, 9])
+    assert (sampler.decode._cache_size(), decode.prefill._cache_size()) == before
+    assert sampler.decode._cache_size() == 1
+    assert np.asarray(other.tokens).shape == (1, 8 + NEW)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt_ids=[[]]), "Prompt 0 is empty"),
+        (dict(prompt_ids=np.zeros((1, 0), np.int32)), "Prompt 0 is empty"),
+        (dict(prompt_ids=[list(range(129))]), "Prompt length 129 exceeds the positions table (block_size=128)"),
+        (dict(max_new_tokens=121), "max_new_tokens=121 after a 8-token prompt overflows block_size=128"),
+        (dict(max_new_tokens=0), "max_new_tokens=0 must be an int >= 1"),
+        (dict(exit_criterion="bogus"), "Unknown exit_criterion 'bogus'"),
+        (dict(exit_criterion="kl", exit_threshold="5e-4"), "exit_threshold='5e-4' for 'kl' must be a finite"),
+        (dict(exit_criterion="argmax-stability", exit_threshold=2.5), "exit_threshold=2.5 for 'argmax-stability'"),
+        (dict(exit_threshold=0.1), "exit_threshold=0.1 was given without an exit_criterion"),
+        (dict(prompt_ids=[[3, 600]]), "Prompt token ids must lie in [0, 512)"),
+        (dict(kv_share=0), "kv_share=0 must be an int >= 1"),
+        (dict(min_steps=9), "min_steps=9 exceeds num_steps=8"),
+        (dict(stop_tokens=[1000]), "stop token 1000 is outside the model's vocabulary"),
+        (dict(num_steps=0), "num_steps=0 must be an int >= 1"),
+        (dict(prompt_ids=np.zeros((2, 4), np.int32), prompt_lengths=[2, 5]), "prompt_lengths [2, 5] must lie in"),
+    ],
+)
+def test_bad_input_gets_one_clear_error(tiny, kwargs, message):
+    config, params, exp = tiny
+    args = dict(prompt_ids=exp["input_ids"][:1, :8], max_new_tokens=4, num_steps=8, init_scale=0.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError) as error:
+        generate(config, params, args.pop("prompt_ids"), **args)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_token_filters():
+    logits_BV = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1]]))
+    kept = lambda **kw: np.flatnonzero(np.asarray(logits.filtered_logits(logits_BV, 1.0, **kw))[0] > -1e29).tolist()
+    assert kept(top_k=2, top_p=None, min_p=None) == [0, 1]
+    assert kept(top_k=None, top_p=0.7, min_p=None) == [0, 1]
+    assert kept(top_k=None, top_p=0.8, min_p=None) == [0, 1, 2]
+    assert kept(top_k=None, top_p=None, min_p=0.29) == [0, 1, 2]
+    assert kept(top_k=None, top_p=None, min_p=0.4) == [0, 1]
+    draws = logits.choose(jax.random.key(1), jnp.repeat(logits_BV, 400, axis=0), 1.0, top_k=3)
+    assert set(np.asarray(draws).tolist()) == {0, 1, 2}
+    assert int(logits.choose(None, logits_BV, 0.0)[0]) == 0
+
+
+def _tiny_hf_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = list(text.HUGINN_SPECIALS.values())
+    vocab = {f"w{i}": i for i in range(500)} | {s: 500 + i for i, s in enumerate(specials)} | {"[UNK]": 506}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    tok.decoder = decoders.WordPiece()
+    tok.save(str(path))
+
+
+def test_cli_generates_from_an_hf_directory_with_chat(tiny, huginn_tiny_dir, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(huginn_tiny_dir / "checkpoint", hf)
+    _tiny_hf_tokenizer(hf / "tokenizer.json")
+    codec = text.load_codec(hf)
+    assert codec.stop_ids == (500, 501, 504) and codec.pad_id == 505 and codec.bos_id == 500
+    ids = codec.prompt_ids("w7 w8", chat=True)
+    assert ids == [500, 502, 506, 503, 7, 8, 504, 502, 506, 503]  # BOS, header(user), ..., header(Huginn)
+    assert codec.prompt_ids("w7 w8") == [500, 7, 8]
+    g = generate_cli.generate_text(str(hf), "w7 w8", chat=True, num_steps=2, max_new_tokens=6, temperature=0.8,
+                                   top_k=50, seed=3)
+    assert 1 <= len(g.new_ids) <= 6 and g.steps_per_token == [2] * len(g.new_ids)
+    assert g.text == codec.decode(g.new_ids)
+    assert all(i not in codec.stop_ids for i in g.new_ids[:-1])
+
+
+def test_tokenizer_is_found_for_workdirs_and_step_dirs(tiny, tmp_path):
+    from rdlm.data.tokenizer import train_tokenizer
+
+    config, params, _ = tiny
+    workdir = tmp_path / "run"
+    checkpoint_io.save_params(workdir / checkpoint_io.CHECKPOINTS_SUBDIR / "5", config, params)
+    corpus = [f"def f{i}(x):\n    return x * {i}\n" for i in range(300)]
+    train_tokenizer(corpus, vocab_size=300).save(workdir / "tokenizer.model")
+    for directory in (workdir, workdir / checkpoint_io.CHECKPOINTS_SUBDIR / "5"):
+        assert text.tokenizer_path(directory) == workdir / "tokenizer.model"
+        codec = text.load_codec(directory)
+        assert codec.prompt_ids("return x")[0] == codec.bos_id == 1 and codec.stop_ids == (2,)
+        assert codec.decode(codec.prompt_ids("return x")[1:]) == "return x"
+    with pytest.raises(ValueError, match="--chat needs"):
+        codec.prompt_ids("hi", chat=True)
+    loaded, _ = checkpoint_io.load_params(workdir)
+    assert loaded == config
+
+
+def test_cli_reports_bad_flags_in_one_line(huginn_tiny_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rdlm.generate", f"--checkpoint={huginn_tiny_dir / 'checkpoint'}", "--prompt=x",
+         "--exit=bogus:1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "rdlm.generate: Unknown exit_criterion 'bogus'; choose one of ('kl', 'minp-kl', 'entropy-diff', "
+        "'latent-diff', 'cosine', 'argmax-stability') or None."
+    )

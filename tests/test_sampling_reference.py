@@ -1,0 +1,100 @@
+"""A slow, independent reference for rdlm.sampling (imported by the sampling tests; holds no tests).
+
+Batch 1, greedy. The prompt but its last token is one block at full depth; after that one token at a
+time, with every KV entry kept in a dict keyed by (iteration, position) and read with the
+reference's lookup: a token that ran e iterations is read at min(i, e - 1) (`latest-m4`), and with
+KV sharing iteration i reads what its slot holds at the end, the last iteration i' < r with
+i' = i mod c (a frozen token counts as repeating its last entry).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rdlm.model import RecurrentLM
+
+
+def _np(kv):
+    return tuple(np.asarray(x) for x in kv)
+
+
+class ReferenceDecoder:
+    def __init__(self, config, params, max_len: int):
+        self.config, self.T = config, max_len
+        apply = functools.partial(RecurrentLM(config).apply, {"params": params})
+        self._embed = jax.jit(lambda *a: apply(*a, method=RecurrentLM.embed))
+        self._iterate = jax.jit(lambda *a: apply(*a, method=RecurrentLM.iterate))
+        self._decode = jax.jit(lambda *a: apply(*a, method=RecurrentLM.decode))
+
+    @staticmethod
+    def source_iteration(i: int, r: int, share: int | None, ran: int) -> int:
+        if share is not None:
+            i = i % share + share * ((r - 1 - i % share) // share)
+        return min(i, ran - 1)
+
+    def _past(self, entries, positions):
+        """Stacked (k, v) [L, 1, T, H, K] of `entries[q]` for q in positions, zero-padded to T."""
+        k0 = entries[positions[0]][0]
+        out = [np.zeros((k0.shape[0], 1, self.T) + k0.shape[1:], k0.dtype) for _ in range(2)]
+        for q in positions:
+            for x, e in zip(out, entries[q]):
+                x[:, 0, q] = e
+        return tuple(out)
+
+    def _kl_exit(self, logits, prev, threshold):
+        logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)))
+        return float(np.sum(np.exp(prev) * (prev - logp))) < threshold, logp
+
+    def generate(self, prompt, max_new: int, r: int, *, share=None, kl_threshold=None, min_steps=0, continuous=False):
+        cfg, T, V = self.config, self.T, self.config.vocab_size
+        tokens = [int(t) for t in prompt]
+        P = len(tokens) - 1
+        prelude, core, coda, ran = {}, {}, {}, {}
+        pos, seg = np.arange(P)[None], np.ones((1, P), np.int32)
+        e, kv = self._embed(np.asarray(tokens[:P])[None], pos, seg, None, None)
+        kv = _np(kv)
+        state = np.zeros((1, P, cfg.n_embd), np.float32)
+        for q in range(P):
+            prelude[q] = (kv[0][:, 0, q], kv[1][:, 0, q])
+        for i in range(r):
+            state, kv = self._iterate(state, e, pos, seg, None, None)
+            kv = _np(kv)
+            for q in range(P):
+                core[(i, q)] = (kv[0][:, 0, q], kv[1][:, 0, q])
+        _, _, kv = self._decode(state, pos, seg, None, None)
+        kv = _np(kv)
+        for q in range(P):
+            coda[q], ran[q] = (kv[0][:, 0, q], kv[1][:, 0, q]), r
+        steps, last_state = [], np.zeros((1, 1, cfg.n_embd), np.float32)
+        for _ in range(max_new):
+            p = len(tokens) - 1
+            pos, seg = np.asarray([[p]]), np.ones((1, 1), np.int32)
+            seen = np.arange(T) < p
+            if cfg.attention_window is not None:
+                seen &= p - np.arange(T) < cfg.attention_window
+            mask, before = seen[None, None], list(range(p))
+            e, kv = self._embed(np.asarray([[tokens[p]]]), pos, seg, self._past(prelude, before), mask)
+            kv = _np(kv)
+            prelude[p] = (kv[0][:, 0, 0], kv[1][:, 0, 0])
+            state = last_state if continuous else np.zeros((1, 1, cfg.n_embd), np.float32)
+            prev, n = np.full((V,), -np.log(V), np.float32), 0
+            for i in range(r):
+                picked = {q: core[(self.source_iteration(i, r, share, ran[q]), q)] for q in before}
+                state, kv = self._iterate(state, e, pos, seg, self._past(picked, before), mask)
+                kv = _np(kv)
+                core[(i, p)], n = (kv[0][:, 0, 0], kv[1][:, 0, 0]), i + 1
+                if kl_threshold is not None:
+                    logits, _, _ = self._decode(state, pos, seg, self._past(coda, before), mask)
+                    stop, prev = self._kl_exit(logits[0, -1], prev, kl_threshold)
+                    if stop and n >= max(min_steps, 1):
+                        break
+            ran[p] = n
+            logits, _, kv = self._decode(state, pos, seg, self._past(coda, before), mask)
+            kv = _np(kv)
+            coda[p] = (kv[0][:, 0, 0], kv[1][:, 0, 0])
+            tokens.append(int(np.argmax(np.asarray(logits)[0, -1])))
+            steps.append(n)
+            last_state = np.asarray(state)
+        return tokens, steps
