@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.recurrence.backprop = 4  # k-bar: the last min(k-bar, r) iterations get gradient.
     c.recurrence.sigma = 0.5  # Spread of the log-normal rate.
     c.recurrence.fixed = 0  # > 0: always run exactly this many iterations (all with gradient).
+    c.recurrence.init_scale = 1.0  # Scale of the random initial state s0 in training (0 = zeros).
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000  # Optimizer steps.

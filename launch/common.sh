@@ -52,6 +52,8 @@ quote() {
     for word in "$@"; do
         if [[ $word =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
             out+=("$word")
+        elif [[ $word == *\'* && $word != *[\$\`\\\"!]* ]]; then
+            out+=("\"$word\"")
         else
             out+=("'${word//\'/\'\\\'\'}'")
         fi

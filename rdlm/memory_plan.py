@@ -60,9 +60,10 @@ def _check_divisible(abstract, shardings) -> None:
             names = (axes,) if isinstance(axes, str) else tuple(axes or ())
             ways = math.prod(s.mesh.shape[a] for a in names)
             if dim % ways:
+                name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
                 raise ValueError(
-                    f"{jax.tree_util.keystr(path)} has a dimension of {dim} that does not split {ways} ways over "
-                    f"mesh axes {names}; choose a mesh whose axis sizes divide it."
+                    f"{name} {x.shape} has a dimension of {dim} that does not split {ways} ways over mesh axes "
+                    f"{names}; choose a mesh whose axis sizes divide it."
                 )
 
     jax.tree_util.tree_map_with_path(check, abstract, shardings)
@@ -136,6 +137,8 @@ def plan(config, devices=None, per_device_batch: int = 1) -> dict:
         "lower_seconds": round(lowered_at - start, 2),
         "compile_seconds": round(compiled_at - lowered_at, 2),
     }
+    if out["platform"] == "cpu":
+        out["note"] = CPU_NOTE
     # Peak: inputs, outputs not written in place of a donated input, temporaries and the program.
     out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"] + out[
         "generated_code_bytes"

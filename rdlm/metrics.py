@@ -9,6 +9,7 @@ step above N are stale; `read_metrics` applies both rules.
 
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -18,9 +19,16 @@ from typing import Any, Callable, Mapping, Optional, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+def _staging_dir(remote: str) -> pathlib.Path:
+    """Where the metrics of a remote workdir are written before they are copied there."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in remote)
+    return pathlib.Path(os.path.expanduser("~/.cache/rdlm/staging")) / name
 
 
 def _number(key: str, value: Any):
@@ -35,23 +43,29 @@ def _number(key: str, value: Any):
 
 
 class MetricsWriter:
-    """Appends metrics to `WORKDIR/metrics.jsonl` and to TensorBoard; only process 0 writes."""
+    """Appends metrics to `WORKDIR/metrics.jsonl` and to TensorBoard; only process 0 writes.
+
+    A remote workdir (gs://...) is written through a local staging directory that `flush()` mirrors
+    to the workdir with etils.epath (object stores cannot append).
+    """
 
     def __init__(self, workdir, *, is_primary: bool = True, resume_step: Optional[int] = None):
-        if "://" in str(workdir):
-            raise ValueError(f"MetricsWriter needs a local workdir, got {workdir}.")
         self._is_primary = is_primary
         if not is_primary:
             return
         from tensorboardX import SummaryWriter  # imported here: only process 0 pays for it
 
-        workdir = pathlib.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(workdir / METRICS_FILE, "a", encoding="utf-8")
+        self._remote = epath.Path(workdir) if "://" in str(workdir) else None
+        local = _staging_dir(str(workdir)) if self._remote else pathlib.Path(workdir)
+        local.mkdir(parents=True, exist_ok=True)
+        if self._remote and (self._remote / METRICS_FILE).exists() and not (local / METRICS_FILE).exists():
+            (local / METRICS_FILE).write_text((self._remote / METRICS_FILE).read_text())
+        self._local = local
+        self._file = open(local / METRICS_FILE, "a", encoding="utf-8")
         purge_step = None if resume_step is None else int(resume_step) + 1
         # A unique suffix so a restart within the same second never truncates the old event file.
         self._tb = SummaryWriter(
-            str(workdir / TENSORBOARD_DIR),
+            str(local / TENSORBOARD_DIR),
             purge_step=purge_step,
             filename_suffix=f".{uuid.uuid4().hex[:8]}",
         )
@@ -80,12 +94,20 @@ class MetricsWriter:
         self._tb.add_text(tag, str(text), int(step))
 
     def flush(self) -> None:
-        if self._is_primary:
-            self._file.flush()
-            self._tb.flush()
+        """Flushes the files and, for a remote workdir, copies them there."""
+        if not self._is_primary:
+            return
+        self._file.flush()
+        self._tb.flush()
+        if self._remote:
+            (self._remote / TENSORBOARD_DIR).mkdir(parents=True, exist_ok=True)
+            for path in [self._local / METRICS_FILE, *(self._local / TENSORBOARD_DIR).glob("events.*")]:
+                target = self._remote / path.relative_to(self._local)
+                target.write_bytes(path.read_bytes())
 
     def close(self) -> None:
         if self._is_primary and not self._file.closed:
+            self.flush()
             self._file.close()
             self._tb.close()
 

@@ -44,7 +44,8 @@ def make_train_step(model: RecurrentLM, tx, schedule, recurrence, rng, grad_accu
     """
 
     def grads_of(params, batch, n, k, state_rng):
-        fn = jax.value_and_grad(lambda p: weighted_loss(model, p, batch, (n, k), state_rng), has_aux=True)
+        loss = lambda p: weighted_loss(model, p, batch, (n, k), state_rng, recurrence.init_scale)  # noqa: E731
+        fn = jax.value_and_grad(loss, has_aux=True)
         (loss_sum, (weight_sum, out)), grads = fn(params)
         return loss_sum, weight_sum, grads, out
 

@@ -14,8 +14,8 @@ def test_same_seed_same_problems_and_different_seed_differs(task):
 
 def test_tasks_with_the_same_seed_differ():
     parity = tasks.generate("parity", 5, seed=0, difficulties=[6])
-    addition = tasks.generate("addition", 5, seed=0, difficulties=[6])
-    assert [p.prompt for p in parity] != [p.prompt for p in addition]
+    carry = tasks.generate("carry", 5, seed=0, difficulties=[6])
+    assert [p.prompt for p in parity] != [p.prompt for p in carry]
 
 
 def test_parity_answers_and_format():
@@ -26,8 +26,8 @@ def test_parity_answers_and_format():
         assert p.answer == str(bits.count("1") % 2)
 
 
-def test_addition_answers_and_format():
-    for p in tasks.generate("addition", 300, seed=1, difficulties=[1, 3, 12]):
+def test_carry_answers_and_format():
+    for p in tasks.generate("carry", 300, seed=1, difficulties=[1, 3, 12]):
         pairs = p.prompt[:-1].split(" ")
         assert p.prompt.endswith("=") and len(pairs) == p.difficulty
         a = int("".join(pair[0] for pair in reversed(pairs)))
@@ -41,11 +41,11 @@ def test_hand_worked_examples():
     assert parity["0110="] == "0"  # two ones
     assert parity["0000="] == "0"
     # Pairs are (a_i, b_i), least-significant digit first.
-    carry1 = {p.prompt: p.answer for p in tasks.generate("addition", 3000, seed=0, difficulties=[1])}
+    carry1 = {p.prompt: p.answer for p in tasks.generate("carry", 3000, seed=0, difficulties=[1])}
     assert carry1["45="] == "0"  # 4 + 5 = 9
     assert carry1["55="] == "1"  # 5 + 5 = 10
     assert carry1["09="] == "0"
-    carry2 = {p.prompt: p.answer for p in tasks.generate("addition", 20000, seed=0, difficulties=[2])}
+    carry2 = {p.prompt: p.answer for p in tasks.generate("carry", 20000, seed=0, difficulties=[2])}
     assert carry2["55 45="] == "1"  # 45 + 55 = 100: the carry from 5 + 5 runs through 4 + 5
     assert carry2["54 45="] == "0"  # 45 + 54 = 99
 
@@ -57,7 +57,7 @@ def test_difficulty_is_drawn_from_the_given_set_uniformly():
 
 
 def test_long_carry_chains_occur():
-    ps = tasks.generate("addition", 500, seed=0, difficulties=[10])
+    ps = tasks.generate("carry", 500, seed=0, difficulties=[10])
     assert {p.answer for p in ps} == {"0", "1"}
 
 

@@ -4,16 +4,16 @@ Each task has an integer difficulty that sets how many sequential steps the answ
 document text is `prompt + answer`; the answer is what greedy decoding after the prompt must produce.
 
 - `parity`: a string of `difficulty` random bits, then `=`, then their XOR: `0110=0`. One bit per step.
-- `addition`: two `difficulty`-digit numbers, digits interleaved least-significant first as pairs, then `=`
-  and the carry out of the top digit, which depends on a chain of up to `difficulty` carries:
-  `a1b1 a2b2 ... =c`. About half the digit pairs sum to 9 so that carry chains are long.
+- `carry`: two `difficulty`-digit numbers a and b as digit pairs `a_i b_i`, least-significant first and
+  space-separated, then `=` and the carry out of a + b (0 or 1): `45 55=1` is 54 + 55 = 109. About half
+  the pairs sum to 9 and pass the incoming carry on, so the answer depends on a long chain of carries.
 """
 
 import dataclasses
 import random
 from typing import Sequence
 
-TASKS = ("parity", "addition")
+TASKS = ("parity", "carry")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ def _parity(rng: random.Random, g: int) -> Problem:
     return Problem("".join(map(str, bits)) + "=", str(sum(bits) % 2), g)
 
 
-def _addition(rng: random.Random, g: int) -> Problem:
+def _carry(rng: random.Random, g: int) -> Problem:
     """Two `g`-digit numbers as least-significant-first digit pairs, and the carry out of their sum."""
     pairs, carry = [], 0
     for _ in range(g):
@@ -45,7 +45,7 @@ def _addition(rng: random.Random, g: int) -> Problem:
     return Problem(" ".join(pairs) + "=", str(carry), g)
 
 
-_MAKERS = {"parity": _parity, "addition": _addition}
+_MAKERS = {"parity": _parity, "carry": _carry}
 
 
 def generate(task: str, num: int, *, seed: int, difficulties: Sequence[int]) -> list[Problem]:

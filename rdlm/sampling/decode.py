@@ -75,9 +75,9 @@ def initial_states(config: ModelConfig, init_scale: float, rng, shape):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "kv_share", "init_scale", "max_new_tokens",
-                                             "extra_length", "pad_id"))
-def prefill(params, prompt_BP, lengths_B, rng, *, config: ModelConfig, num_steps: int, kv_share: int | None,
-            init_scale: float, max_new_tokens: int, extra_length: int = 0, pad_id: int = 0) -> SamplingState:
+                                             "extra_length"))
+def prefill(params, prompt_BP, lengths_B, rng, pad_id, *, config: ModelConfig, num_steps: int, kv_share: int | None,
+            init_scale: float, max_new_tokens: int, extra_length: int = 0) -> SamplingState:
     """Caches every prompt token but each row's last (at full depth) in a fresh cache of P + max_new + extra slots.
 
     The last prompt token becomes the row's newest token: the decode loop feeds it and emits the
@@ -107,11 +107,11 @@ def prefill(params, prompt_BP, lengths_B, rng, *, config: ModelConfig, num_steps
     )
 
 
-def prefill_for(options: SamplerOptions, config: ModelConfig, params, prompt_BP, lengths_B, rng, *,
+def prefill_for(options: SamplerOptions, knobs: Knobs, config: ModelConfig, params, prompt_BP, lengths_B, rng, *,
                 max_new_tokens: int, extra_length: int = 0, kv_share: int | None = None) -> SamplingState:
-    return prefill(params, prompt_BP, lengths_B, rng, config=config, num_steps=options.num_steps, kv_share=kv_share,
-                   init_scale=options.init_scale, max_new_tokens=max_new_tokens, extra_length=extra_length,
-                   pad_id=options.pad_id)
+    return prefill(params, prompt_BP, lengths_B, rng, knobs.pad_id, config=config, num_steps=options.num_steps,
+                   kv_share=kv_share, init_scale=options.init_scale, max_new_tokens=max_new_tokens,
+                   extra_length=extra_length)
 
 
 def decode_step(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, params, st: SamplingState) -> SamplingState:
@@ -148,16 +148,15 @@ class Sampler:
         self.model = RecurrentLM(config)
         self.decode = jax.jit(self._decode, donate_argnums=2)
 
-    def prefill(self, params, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> SamplingState:
-        return prefill_for(self.static, self.config, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
-                           kv_share=self.static.kv_share)
+    def prefill(self, params, knobs, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> SamplingState:
+        return prefill_for(self.static, knobs, self.config, params, prompt_BP, lengths_B, rng,
+                           max_new_tokens=max_new_tokens, kv_share=self.static.kv_share)
 
     def _decode(self, params, knobs, st: SamplingState) -> SamplingState:
         step = functools.partial(decode_step, self.model, self.static, knobs, params)
         return jax.lax.while_loop(lambda s: jnp.any(~s.done_B), step, st)
 
-    def knobs(self, options: SamplerOptions | None = None) -> Knobs:
-        options = self.options if options is None else options
+    def knobs(self, options: SamplerOptions) -> Knobs:
         if options.static() != self.static:
             raise ValueError("These options differ from the Sampler's beyond exit_threshold, min_steps and stop_tokens; "
                              "make a new Sampler for them.")
@@ -167,11 +166,12 @@ class Sampler:
     def run(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None, rng=None,
             options: SamplerOptions | None = None) -> SamplingState:
         """Prefill + decode; returns the final sampling state (cache included)."""
+        options = self.options if options is None else options
         knobs = self.knobs(options)
-        ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.static.pad_id)
+        ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=options.pad_id)
         check_fits(self.config, ids, lengths, max_new_tokens)
         rng = jax.random.key(0) if rng is None else rng
-        st = self.prefill(params, ids, lengths, rng, max_new_tokens=max_new_tokens)
+        st = self.prefill(params, knobs, ids, lengths, rng, max_new_tokens=max_new_tokens)
         return self.decode(params, knobs, st)
 
     def __call__(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None, rng=None,

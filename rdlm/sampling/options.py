@@ -1,7 +1,7 @@
 """The frozen, hashable sampler options, split into what compiled code specialises on and traced knobs.
 
-A compiled sampler is specialised on `options.static()` (and shapes); the exit threshold, min_steps
-and the stop tokens travel as `Knobs` arrays, so sweeping them does not recompile.
+A compiled sampler is specialised on `options.static()` (and shapes); the exit threshold, min_steps,
+the stop tokens and the pad id travel as `Knobs` arrays, so changing them does not recompile.
 """
 
 import dataclasses
@@ -20,6 +20,7 @@ class Knobs:
     exit_threshold: jax.Array  # float32 scalar
     min_steps: jax.Array  # int32 scalar: iterations before a token may exit (at least 1)
     stop_tokens: jax.Array  # int32 [8k], padded with -1 so that a few more stops reuse the compiled code
+    pad_id: jax.Array  # int32 scalar
 
 
 def _check_int(name: str, value, low: int):
@@ -85,7 +86,7 @@ class SamplerOptions:
     def static(self) -> "SamplerOptions":
         """These options without the knob values: the key compiled code is specialised on."""
         exit = None if self.exit is None else ExitCriterion(self.exit.name, DEFAULT_THRESHOLDS[self.exit.name])
-        return dataclasses.replace(self, exit=exit, min_steps=0, stop_tokens=())
+        return dataclasses.replace(self, exit=exit, min_steps=0, stop_tokens=(), pad_id=0)
 
     def knobs(self) -> Knobs:
         threshold = 0.0 if self.exit is None else float(self.exit.threshold)
@@ -94,6 +95,7 @@ class SamplerOptions:
             exit_threshold=jnp.asarray(threshold, jnp.float32),
             min_steps=jnp.asarray(max(self.min_steps, 1), jnp.int32),
             stop_tokens=jnp.asarray(self.stop_tokens + (-1,) * (width - len(self.stop_tokens)), jnp.int32),
+            pad_id=jnp.asarray(self.pad_id, jnp.int32),
         )
 
     def check_vocab(self, vocab_size: int) -> None:

@@ -77,9 +77,9 @@ class ParallelSampler:
     def _fresh_states(self, rng, B):
         return initial_states(self.config, self.static.init_scale, rng, (B, self.window, self.config.n_embd))
 
-    def prefill(self, params, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> _Wave:
+    def prefill(self, params, knobs, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> _Wave:
         """The shared prefill (every prompt token but the last, one KV slot), then a window holding the last."""
-        st = prefill_for(self.static, self.config, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
+        st = prefill_for(self.static, knobs, self.config, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
                          extra_length=self.window, kv_share=1)
         return self._start(st)
 
@@ -162,10 +162,10 @@ class ParallelSampler:
 
     def __call__(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None, rng=None) -> ParallelOutput:
         knobs = self.options.knobs()
-        ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.static.pad_id)
+        ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.options.pad_id)
         check_fits(self.config, ids, lengths, max_new_tokens)
         rng = jax.random.key(0) if rng is None else rng
-        wave = self.prefill(params, ids, lengths, rng, max_new_tokens=max_new_tokens)
+        wave = self.prefill(params, knobs, ids, lengths, rng, max_new_tokens=max_new_tokens)
         wave = self.decode(params, knobs, wave)
         st = wave.base
         return ParallelOutput(tokens=st.tokens_BN, steps_per_token=st.steps_BM, prompt_lengths=st.prompt_lengths_B,

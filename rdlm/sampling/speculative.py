@@ -61,11 +61,10 @@ class SpeculativeSampler:
         self.model = RecurrentLM(config)
         self.decode = jax.jit(self._decode, donate_argnums=2)
 
-    def prefill(self, params, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> _SpecState:
-        st = prefill_for(self.static, self.config, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
+    def prefill(self, params, knobs, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> _SpecState:
+        st = prefill_for(self.static, knobs, self.config, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
                          extra_length=self.lookahead, kv_share=self.static.kv_share)
-        zeros = jnp.zeros_like(st.lengths_B)
-        return _SpecState(st, zeros, zeros, jnp.zeros((), jnp.int32))
+        return _SpecState(st, jnp.zeros_like(st.lengths_B), jnp.zeros_like(st.lengths_B), jnp.zeros((), jnp.int32))
 
     def _decode(self, params, knobs, sp: _SpecState) -> _SpecState:
         body = functools.partial(self._round, params, knobs)
@@ -123,10 +122,10 @@ class SpeculativeSampler:
 
     def __call__(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None, rng=None) -> SpeculativeOutput:
         knobs = self.options.knobs()
-        ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.static.pad_id)
+        ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.options.pad_id)
         check_fits(self.config, ids, lengths, max_new_tokens)
         rng = jax.random.key(0) if rng is None else rng
-        sp = self.prefill(params, ids, lengths, rng, max_new_tokens=max_new_tokens)
+        sp = self.prefill(params, knobs, ids, lengths, rng, max_new_tokens=max_new_tokens)
         sp = self.decode(params, knobs, sp)
         st = sp.base
         return SpeculativeOutput(tokens=st.tokens_BN, steps_per_token=st.steps_BM, prompt_lengths=st.prompt_lengths_B,

@@ -1,0 +1,272 @@
+"""Benchmarks: training step, generation and a sweep over depth, each printing what it measured.
+
+    python -m rdlm.bench train --config=configs/bench_cpu.py [--config.x=y] [--num_steps=N,K] [--steps=S]
+    python -m rdlm.bench generate --config=configs/bench_cpu.py [--exit=kl:5e-4]
+    python -m rdlm.bench sweep --config=configs/bench_cpu.py [--out=sweep.png]
+
+`train` prints one JSON line: compile time, median step time, tokens/s, model FLOPs per token
+(rdlm.metrics.model_flops_per_token), achieved TFLOP/s, the peak of a large float32 matmul measured
+in the same process, MFU and the compiled step's memory. The step runs a fixed depth: n iterations
+without gradient (a traced int, so one program serves every n) and k with gradient (static).
+"""
+
+import json
+import math
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from rdlm import cli, metrics, optim, perf, sharding, state as state_lib, steps
+from rdlm.model import ModelConfig, RecurrentLM
+
+SUBCOMMANDS = ("train", "generate", "sweep")
+TRAIN_KEYS = (
+    "num_steps", "batch_size", "seq_len", "compile_s", "step_s_median", "tokens_per_s", "model_flops_per_token",
+    "achieved_tflops", "peak_tflops", "mfu", "temp_bytes", "argument_bytes",
+)
+
+
+def parse_num_steps(text: str) -> tuple[int, int]:
+    """'24,8' -> (24, 8); anything else is one clear sentence."""
+    parts = text.split(",")
+    try:
+        n, k = (int(p) for p in parts)
+    except ValueError:
+        n = k = -1
+    if len(parts) != 2 or n < 0 or k < 0:
+        raise ValueError(
+            f"--num_steps={text!r} must be two non-negative integers N,K (iterations without and with gradient), e.g. 24,8."
+        )
+    return n, k
+
+
+def model_config_of(config) -> ModelConfig:
+    """`config.model` with the recurrence of `config.recurrence` (as the training entry point builds it)."""
+    return ModelConfig(
+        **config.model.to_dict(), mean_recurrence=config.recurrence.mean, mean_backprop_depth=config.recurrence.backprop
+    )
+
+
+def synthetic_batch(config, rng) -> dict:
+    """A batch of uniform random tokens in the train step's layout (one document per row)."""
+    B, S, V = config.train.batch_size, config.data.seq_len, config.model.vocab_size
+    ids = jax.random.randint(rng, (B, S + 1), 0, V, jnp.int32)
+    return {
+        "inputs": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "positions": jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
+        "segment_ids": jnp.ones((B, S), jnp.int32),
+        "weights": jnp.ones((B, S), jnp.float32),
+    }
+
+
+def make_fixed_depth_step(model: RecurrentLM, tx, k: int, rng):
+    """`step(state, batch, n) -> (state, loss)`: the train step's update at depth (n, k), n traced, k static."""
+
+    def step(state, batch, n):
+        state_rng = jax.random.fold_in(rng, state.step)
+        loss_fn = lambda p: steps.weighted_loss(model, p, batch, (n, k), state_rng)  # noqa: E731
+        (loss_sum, (weight_sum, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        denominator = jnp.maximum(weight_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), loss_sum / denominator
+
+    return step
+
+
+class TrainBench:
+    """A fresh train state and the jitted fixed-depth step for one config and k."""
+
+    def __init__(self, config, k: int):
+        self.config, self.k = config, k
+        self.model_config = model_config_of(config)
+        self.model = RecurrentLM(self.model_config)
+        self.tx = optim.make_optimizer(config, accumulate=False)
+        self.mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+        self.rules = sharding.check_rules(config.mesh.rules, self.mesh)
+        rng = jax.random.key(config.bench.seed)
+        with self.context():
+            self.state = state_lib.init_state(self.model, self.tx, rng, self.mesh, self.rules, config.data.seq_len)
+        self.batch = synthetic_batch(config, jax.random.fold_in(rng, 1))
+        self.step = jax.jit(make_fixed_depth_step(self.model, self.tx, k, jax.random.fold_in(rng, 2)), donate_argnums=0)
+
+    def context(self):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def compile(self, n: int):
+        """(compiled step, seconds to lower and compile it)."""
+        start = time.perf_counter()
+        with self.context():
+            compiled = self.step.lower(self.state, self.batch, jnp.int32(n)).compile()
+        return compiled, time.perf_counter() - start
+
+    def time_steps(self, compiled, n: int, steps_: int, warmup: int) -> list[float]:
+        """Seconds of each of `steps_` steps after `warmup` untimed ones (the state advances)."""
+        n_arr, times = jnp.int32(n), []
+        for i in range(warmup + steps_):
+            start = time.perf_counter()
+            self.state, loss = compiled(self.state, self.batch, n_arr)
+            loss.block_until_ready()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        if not math.isfinite(float(loss)):
+            raise FloatingPointError(f"The bench's loss became {float(loss)}; the config is unstable.")
+        return times
+
+
+def memory(compiled) -> dict:
+    analysis = compiled.memory_analysis()
+    return {"temp_bytes": int(analysis.temp_size_in_bytes), "argument_bytes": int(analysis.argument_size_in_bytes)}
+
+
+def bench_train(config, num_steps: tuple[int, int], steps_: int, peak_tflops: float | None = None) -> dict:
+    n, k = num_steps
+    bench = TrainBench(config, k)
+    compiled, compile_s = bench.compile(n)
+    times = bench.time_steps(compiled, n, steps_, config.bench.warmup_steps)
+    peak = perf.measure_peak_tflops() if peak_tflops is None else peak_tflops
+    step_s = statistics.median(times)
+    tokens = config.train.batch_size * config.data.seq_len
+    flops = metrics.model_flops_per_token(bench.model_config, config.data.seq_len, n, k)
+    achieved = flops * tokens / step_s / 1e12
+    return {
+        "num_steps": [n, k], "batch_size": config.train.batch_size, "seq_len": config.data.seq_len,
+        "compile_s": round(compile_s, 3), "step_s_median": round(step_s, 4), "step_s_min": round(min(times), 4),
+        "tokens_per_s": round(tokens / step_s, 1), "model_flops_per_token": flops,
+        "achieved_tflops": round(achieved, 4), "peak_tflops": round(peak, 4), "mfu": round(achieved / peak, 4),
+        **memory(compiled),
+    }
+
+
+def bench_generate(config, exit_spec: str = "") -> dict:
+    """Batch 1: a random prompt, greedy tokens at r = bench.gen_num_steps; a second call is timed."""
+    from rdlm import sampling
+
+    model_config = model_config_of(config)
+    b = config.bench
+    rng = jax.random.key(b.seed)
+    ids = jnp.zeros((1, b.prompt_len), jnp.int32)
+    params = jax.jit(lambda r: RecurrentLM(model_config).init({"params": r}, ids, num_steps=1, init_scale=0.0))(rng)
+    params = state_lib.strip_boxes(params["params"])
+    prompt = np.asarray(jax.random.randint(jax.random.fold_in(rng, 1), (1, b.prompt_len), 0, model_config.vocab_size))
+    criterion = sampling.parse_exit(exit_spec) if exit_spec else None
+    kwargs = dict(
+        max_new_tokens=b.new_tokens, num_steps=b.gen_num_steps, temperature=0.0, rng=jax.random.fold_in(rng, 2),
+        exit_criterion=None if criterion is None else criterion.name,
+        exit_threshold=None if criterion is None else criterion.threshold,
+    )
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        out = sampling.generate(model_config, params, prompt, **kwargs)
+        jax.block_until_ready(out.tokens)
+        times.append(time.perf_counter() - start)
+    steps_per_token = np.asarray(out.steps_per_token)[0]
+    result = {
+        "prompt_len": b.prompt_len, "new_tokens": b.new_tokens, "num_steps": b.gen_num_steps,
+        "first_call_s": round(times[0], 3), "seconds": round(times[1], 4),
+        "new_tokens_per_s": round(b.new_tokens / times[1], 2),
+    }
+    if criterion is not None:
+        result.update(exit=f"{criterion.name}:{criterion.threshold}", mean_steps_per_token=float(steps_per_token.mean()))
+    return result
+
+
+def bench_sweep(config, k: int, ns, steps_: int) -> list[dict]:
+    """Compile time, memory and step time at each n (k fixed); every n is compiled afresh to time it."""
+    bench = TrainBench(config, k)
+    rows = []
+    for n in ns:
+        compiled, compile_s = bench.compile(n)
+        times = bench.time_steps(compiled, n, steps_, 1)
+        rows.append({"n": n, "k": k, "r": n + k, "compile_s": round(compile_s, 3),
+                     "step_s_median": round(statistics.median(times), 4), **memory(compiled)})
+    return rows
+
+
+def format_sweep(rows) -> str:
+    lines = [f"{'r':>5} {'n':>5} {'k':>3} {'compile s':>10} {'step s':>9} {'temp MB':>9} {'args MB':>9}"]
+    for r in rows:
+        lines.append(f"{r['r']:>5} {r['n']:>5} {r['k']:>3} {r['compile_s']:>10.3f} {r['step_s_median']:>9.4f} "
+                     f"{r['temp_bytes'] / 2**20:>9.2f} {r['argument_bytes'] / 2**20:>9.2f}")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = [row["r"] for row in rows]
+    panels = (("step_s_median", "step time (s)"), ("compile_s", "compile time (s)"), ("temp_bytes", "temp memory (MB)"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, (key, label) in zip(axes, panels):
+        values = [row[key] / (2**20 if key == "temp_bytes" else 1) for row in rows]
+        ax.plot(r, values, "o-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("r = n + k")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+    fig.suptitle(f"train step against depth (k = {rows[0]['k']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Bench config, e.g. configs/bench_cpu.py.",
+                                          lock_config=True)
+_NUM_STEPS = flags.DEFINE_string("num_steps", "", "train/sweep: 'N,K' (default: the config's bench.num_steps).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Timed steps (default: the config's bench.steps).")
+_EXIT = flags.DEFINE_string("exit", "", "generate: adaptive exit 'criterion[:threshold]', e.g. kl:5e-4.")
+_OUT = flags.DEFINE_string("out", "", "sweep: write the plot to this PNG.")
+_SWEEP_N = flags.DEFINE_string("sweep_n", "", "sweep: comma-separated n (default: the config's bench.sweep_n).")
+
+
+def run(command: str, config) -> None:
+    """Runs one subcommand and prints its result."""
+    if command not in SUBCOMMANDS:
+        raise ValueError(f"Unknown subcommand {command!r}; use one of {', '.join(SUBCOMMANDS)}.")
+    num_steps = parse_num_steps(_NUM_STEPS.value) if _NUM_STEPS.value else tuple(config.bench.num_steps)
+    steps_ = _STEPS.value or config.bench.steps
+    if steps_ < 1:
+        raise ValueError(f"--steps={steps_} must be >= 1.")
+    if command == "train":
+        print(json.dumps(bench_train(config, num_steps, steps_)), flush=True)
+    elif command == "generate":
+        print(json.dumps(bench_generate(config, _EXIT.value)), flush=True)
+    else:
+        ns = [int(x) for x in _SWEEP_N.value.split(",")] if _SWEEP_N.value else list(config.bench.sweep_n)
+        rows = bench_sweep(config, num_steps[1], ns, steps_)
+        print(format_sweep(rows), flush=True)
+        print(json.dumps(rows), flush=True)
+        if _OUT.value:
+            plot_sweep(rows, _OUT.value)
+
+
+def main(argv):
+    if len(argv) != 2:
+        sys.exit(f"error: give one subcommand, one of {', '.join(SUBCOMMANDS)}; got {argv[1:] or 'none'}.")
+    try:
+        run(argv[1], _CONFIG.value)
+    except (ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,147 @@
+"""Per-token adaptive exit, KV sharing and continuous chain-of-thought, checked against a slow reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_sampling_reference import ReferenceDecoder
+from rdlm.interop import huginn, safetensors_io
+from rdlm.sampling import KVCache, SamplerOptions, decode, exits, generate
+
+NEW, R = 12, 8
+
+
+@pytest.fixture(scope="module")
+def tiny(huginn_tiny_dir):
+    config, params = huginn.load_hf_checkpoint(huginn_tiny_dir / "checkpoint")
+    expected = safetensors_io.SafetensorsFile(huginn_tiny_dir / "expected.safetensors")
+    return config, params, {k: np.asarray(expected.get(k)) for k in expected.keys()}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    config, params, _ = tiny
+    return ReferenceDecoder(config, params, max_len=8 + NEW)
+
+
+def kl_generate(config, params, prompts, threshold, **kwargs):
+    return generate(config, params, prompts, max_new_tokens=NEW, num_steps=R, init_scale=0.0, exit_criterion="kl",
+                    exit_threshold=threshold, **kwargs)
+
+
+def kl_run(config, params, prompts, threshold, **kwargs):
+    """The final sampling state (cache included) of the same compiled sampler generate() uses."""
+    options = SamplerOptions.build(num_steps=R, init_scale=0.0, exit_criterion="kl", exit_threshold=threshold, **kwargs)
+    sampler = decode.cached_sampler(config, options.static())
+    return sampler.run(params, prompts, max_new_tokens=NEW, options=options)
+
+
+def test_kl_exit_extremes_and_min_steps(tiny):
+    config, params, exp = tiny
+    prompt = exp["input_ids"][:1, :8]
+    never = kl_generate(config, params, prompt, 0.0)
+    np.testing.assert_array_equal(never.tokens, exp["greedy_r8"])  # threshold 0: no token exits early
+    np.testing.assert_array_equal(never.steps_per_token, R)
+    np.testing.assert_array_equal(kl_generate(config, params, prompt, 1e9).steps_per_token, 1)
+    np.testing.assert_array_equal(kl_generate(config, params, prompt, 1e9, min_steps=3).steps_per_token, 3)
+
+
+def test_kl_exit_matches_reference_decoder(tiny, reference):
+    config, params, exp = tiny
+    prompt = exp["input_ids"][0, :8].tolist()
+    out = kl_generate(config, params, [prompt], 0.01)
+    tokens, steps = reference.generate(prompt, NEW, R, kl_threshold=0.01)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[0], tokens)
+    np.testing.assert_array_equal(np.asarray(out.steps_per_token)[0], steps)
+    assert 1 < np.mean(steps) < R and len(set(steps)) > 1, steps
+
+
+def test_an_exited_token_leaves_its_deepest_entry_in_skipped_slots(tiny):
+    config, params, exp = tiny
+    st = kl_run(config, params, exp["input_ids"][:1, :8], 0.01)
+    steps = np.asarray(st.steps_BM)[0]
+    core_k = np.asarray(st.cache.core[0])  # [C, Lc, B, T, H, K]
+    exited = [(7 + t, int(e)) for t, e in enumerate(steps) if e < R]  # new token t came from feeding position 7 + t
+    assert exited
+    for p, e in exited:
+        for j in range(e, R):
+            np.testing.assert_array_equal(core_k[j, :, 0, p], core_k[e - 1, :, 0, p])
+        if e > 1:
+            assert not np.array_equal(core_k[e - 1, :, 0, p], core_k[e - 2, :, 0, p])
+
+
+def test_rows_exit_independently(tiny):
+    config, params, exp = tiny
+    prompts = [exp["input_ids"][0, :8].tolist(), exp["input_ids"][1, :5].tolist()]
+    out = kl_generate(config, params, prompts, 0.01)
+    steps = np.asarray(out.steps_per_token)
+    assert (steps[0] != steps[1]).any()
+    for b, prompt in enumerate(prompts):
+        row = np.zeros((1, 8), np.int32)
+        row[0, : len(prompt)] = prompt
+        alone = kl_generate(config, params, row, 0.01, prompt_lengths=[len(prompt)])
+        n = len(prompt)
+        np.testing.assert_array_equal(np.asarray(out.tokens)[b, : n + NEW], np.asarray(alone.tokens)[0, : n + NEW])
+        np.testing.assert_array_equal(steps[b], np.asarray(alone.steps_per_token)[0])
+
+
+def test_kv_share_matches_reference_and_shrinks_the_cache(tiny, reference):
+    config, params, exp = tiny
+    prompt = exp["input_ids"][0, :8].tolist()
+    for threshold in (0.0, 0.01):
+        out = kl_generate(config, params, [prompt], threshold, kv_share=2)
+        tokens, steps = reference.generate(prompt, NEW, R, share=2, kl_threshold=threshold)
+        np.testing.assert_array_equal(np.asarray(out.tokens)[0], tokens)
+        np.testing.assert_array_equal(np.asarray(out.steps_per_token)[0], steps)
+    shared = kl_run(config, params, [prompt], 0.0, kv_share=2).cache
+    full = jax.eval_shape(lambda: KVCache.create(config, 1, 8 + NEW, R))
+    assert shared.core[0].shape[0] == 2 and full.core[0].shape[0] == R
+    assert sum(x.size for x in full.core) == (R // 2) * sum(x.size for x in shared.core)
+
+
+def test_continuous_cot_matches_reference(tiny, reference):
+    config, params, exp = tiny
+    prompt = exp["input_ids"][0, :8].tolist()
+    for threshold in (0.0, 0.01):
+        out = kl_generate(config, params, [prompt], threshold, continuous=True)
+        tokens, steps = reference.generate(prompt, NEW, R, kl_threshold=threshold, continuous=True)
+        np.testing.assert_array_equal(np.asarray(out.tokens)[0], tokens)
+        np.testing.assert_array_equal(np.asarray(out.steps_per_token)[0], steps)
+    assert not np.array_equal(np.asarray(out.tokens)[0], reference.generate(prompt, NEW, R, kl_threshold=0.01)[0])
+
+
+def test_criteria_values():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)
+    state = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+    valid = jnp.asarray([[True, True, True], [True, False, False]])
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    p = np.exp(logp)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def first_value(name):
+        criterion = exits.make_criterion(name)
+        return criterion.update(criterion.init(state * 0.5, 16), logits, state, valid, criterion.threshold)[1]
+
+    np.testing.assert_allclose(first_value("kl"), -np.log(16) - logp.mean(axis=-1), rtol=1e-5)  # KL(uniform || p)
+    np.testing.assert_allclose(first_value("entropy-diff"), np.abs(-np.sum(p * logp, axis=-1) - 100.0), rtol=1e-5)
+    np.testing.assert_allclose(first_value("latent-diff"), [0.5, 0.5], rtol=1e-5)  # |s - s/2| / |s|
+    np.testing.assert_allclose(first_value("cosine"), [0.0, 0.0], atol=1e-6)
+    assert np.asarray(first_value("argmax-stability")).tolist() == [0, 0]
+    criterion = exits.make_criterion("argmax-stability", 2)
+    carry = criterion.init(state, 16)
+    for expected in ([0, 0], [1, 1], [2, 2]):
+        carry, value, stop = criterion.update(carry, logits, state, valid, 2)
+        assert np.asarray(value).tolist() == expected and np.asarray(stop).tolist() == [expected[0] >= 2] * 2
+    minp = exits.make_criterion("minp-kl")
+    q = np.where(p < 0.1 * p.max(-1, keepdims=True), 1 / 16, p)
+    q /= q.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(minp.update(minp.init(state, 16), logits, state, valid, 0.0)[1]),
+                               -np.log(16) - np.log(q).mean(axis=-1), rtol=1e-5)
+    assert exits.parse_exit("kl:5e-4") == exits.ExitCriterion("kl", 5e-4)
+    assert exits.parse_exit("argmax-stability") == exits.ExitCriterion("argmax-stability", 5)
+    with pytest.raises(ValueError, match="threshold 'x' is not a number"):
+        exits.parse_exit("kl:x")
