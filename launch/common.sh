@@ -1,5 +1,10 @@
 # Helpers sourced by the launch scripts: flags, one-sentence errors, shell quoting and --dry-run.
 
+if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404)); then
+    echo "error: these scripts need bash 4.4 or newer (this is $BASH_VERSION; on macOS: brew install bash)." >&2
+    exit 2
+fi
+
 die() {
     echo "error: $*" >&2
     exit 2

@@ -27,7 +27,7 @@ require WORKDIR --workdir runs/tiny
 for flag in PROCESSES PORT ${CPU_DEVICES:+CPU_DEVICES} ${GPUS_PER_PROCESS:+GPUS_PER_PROCESS}; do
     [[ ${!flag} =~ ^[1-9][0-9]*$ ]] || die "--$(echo "${flag,,}" | tr _ -) must be a positive integer, got '${!flag}'."
 done
-[[ -n $CPU_DEVICES && -n $GPUS_PER_PROCESS ]] && die "use --cpu-devices or --gpus-per-process, not both."
+[[ -z $CPU_DEVICES || -z $GPUS_PER_PROCESS ]] || die "use --cpu-devices or --gpus-per-process, not both."
 read -ra EXTRA_ARGS <<<"$EXTRA"
 cd "$ROOT"
 
@@ -61,6 +61,12 @@ if ((PROCESSES == 1)); then
     exec "${COMMAND[@]}"
 fi
 
+# Copies stdin to stdout with "[i] " before each line.
+prefix() {
+    local line
+    while IFS= read -r line || [[ -n $line ]]; do printf '[%s] %s\n' "$1" "$line"; done
+}
+
 PIDS=()
 stop_all() {
     local pid
@@ -69,7 +75,7 @@ stop_all() {
 trap 'stop_all' INT TERM
 for ((i = 0; i < PROCESSES; i++)); do
     command_of "$i"
-    "${COMMAND[@]}" > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
+    "${COMMAND[@]}" > >(prefix "$i") 2> >(prefix "$i" >&2) &
     PIDS+=($!)
 done
 

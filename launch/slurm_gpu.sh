@@ -52,18 +52,18 @@ trap 'echo "SIGTERM: waiting for the checkpoint."' TERM
 requeue() {
     echo "Time limit near: checkpointing, then requeueing job \$SLURM_JOB_ID."
     scancel --signal=TERM "\$SLURM_JOB_ID"
-    while kill -0 "\$step" 2>/dev/null; do wait "\$step"; done
+    while kill -0 \$! 2>/dev/null; do wait \$!; done
     scontrol requeue "\$SLURM_JOB_ID"
     exit 0
 }
 trap requeue USR1
 
 # One task per GPU; each task sees all of its node's GPUs and JAX takes the one of its SLURM_LOCALID.
+# \$! (srun, the only background job) is set as soon as it starts, so a signal can never miss it.
 srun --kill-on-bad-exit=1 --cpu-bind=none --gpu-bind=none $TRAIN &
-step=\$!
-wait "\$step"
+wait \$!
 status=\$?
-while kill -0 "\$step" 2>/dev/null; do wait "\$step"; status=\$?; done
+while kill -0 \$! 2>/dev/null; do wait \$!; status=\$?; done
 exit "\$status"
 EOF
 }

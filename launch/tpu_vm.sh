@@ -39,22 +39,15 @@ require WORKDIR --workdir gs://my-bucket/huginn
 [[ $WORKDIR == gs://* ]] || die "--workdir must be a gs:// path so every worker and every recreated VM sees it."
 [[ -z $QUEUED || -z $PREEMPTIBLE ]] || die "--preemptible is for direct creates; use --spot with --queued."
 [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "--max-restarts must be a whole number, got '$MAX_RESTARTS'."
-if [[ -z $VERSION ]]; then
-    case $ACCELERATOR in
-        v4-*) VERSION=tpu-ubuntu2204-base ;;
-        v5p-*) VERSION=v2-alpha-tpuv5 ;;
-        v5litepod-*) VERSION=v2-alpha-tpuv5-lite ;;
-        v6e-*) VERSION=v2-alpha-tpuv6e ;;
-        *) die "no default --version for --accelerator=$ACCELERATOR; pass the TPU software version." ;;
-    esac
-fi
+declare -A RUNTIMES=([v4]=tpu-ubuntu2204-base [v5p]=v2-alpha-tpuv5 [v5litepod]=v2-alpha-tpuv5-lite [v6e]=v2-alpha-tpuv6e)
+VERSION=${VERSION:-${RUNTIMES[${ACCELERATOR%%-*}]:-}}
+[[ -n $VERSION ]] || die "no default --version for --accelerator=$ACCELERATOR; pass the TPU software version."
 read -ra EXTRA_ARGS <<<"$EXTRA"
 JAX_VERSION=$(sed -n 's/.*"jax==\([0-9.]*\)".*/\1/p' "$ROOT/setup.py")
 LOCATION=(--zone="$ZONE" --project="$PROJECT")
 TPU=(gcloud compute tpus tpu-vm)
 QR=(gcloud compute tpus queued-resources)
 SSH=("${TPU[@]}" ssh "$NAME" "${LOCATION[@]}" --worker=all)
-PORT=8476
 
 create() {
     if [[ -n $QUEUED ]]; then
@@ -67,30 +60,21 @@ create() {
 }
 
 delete() {
-    if [[ -n $QUEUED ]]; then
-        run "${QR[@]}" delete "$NAME" "${LOCATION[@]}" --force --quiet
-    else
-        run "${TPU[@]}" delete "$NAME" "${LOCATION[@]}" --quiet
-    fi
+    if [[ -n $QUEUED ]]; then run "${QR[@]}" delete "$NAME" "${LOCATION[@]}" --force --quiet
+    else run "${TPU[@]}" delete "$NAME" "${LOCATION[@]}" --quiet; fi
 }
 
-# The node's state (READY when usable), or nothing when it does not exist (yet).
+# The TPU's state (READY when usable), or nothing while it does not exist.
 state() {
     "${TPU[@]}" describe "$NAME" "${LOCATION[@]}" --format='value(state)' 2>/dev/null || true
 }
 
-queued_state() {
-    "${QR[@]}" describe "$NAME" "${LOCATION[@]}" --format='value(state.state)' 2>/dev/null || true
-}
-
-# Creates the node, or deletes and recreates it after a preemption, until it is READY.
+# Creates the TPU, or deletes and recreates it after a preemption, until it is READY.
 ensure_ready() {
     local node
-    while :; do
-        node=$(state)
-        [[ $node == READY ]] && return
+    while node=$(state) && [[ $node != READY ]]; do
         if [[ -n $QUEUED ]]; then
-            case $(queued_state) in
+            case $("${QR[@]}" describe "$NAME" "${LOCATION[@]}" --format='value(state.state)' 2>/dev/null || true) in
                 "") create || true ;;
                 FAILED | SUSPENDED) delete ;;
             esac
@@ -111,7 +95,7 @@ install() {
     setup+=" && cd ~/rdlm && ~/.local/bin/uv pip install -q --python ~/rdlm-venv/bin/python -e '.[gcs]' 'jax[tpu]==$JAX_VERSION'"
     if [[ -n $REPO ]]; then
         fetch="rm -rf ~/rdlm && git clone -q $(quote "${REPO%%#*}") ~/rdlm"
-        [[ $REPO == *#* ]] && fetch+=" && git -C ~/rdlm checkout -q $(quote "${REPO#*#}")"
+        [[ $REPO != *#* ]] || fetch+=" && git -C ~/rdlm checkout -q $(quote "${REPO#*#}")"
     else
         local tarball=${TMPDIR:-/tmp}/rdlm-$NAME.tgz
         run tar -czf "$tarball" --exclude=.git --exclude=runs --exclude=__pycache__ -C "$ROOT" . &&
@@ -121,12 +105,12 @@ install() {
     run "${SSH[@]}" --command="$fetch && $setup"
 }
 
-# All workers run the same command; worker 0 is the jax.distributed coordinator (@COORDINATOR@ below).
+# All workers run the same command. JAX_COORDINATOR_ADDRESS (worker 0) makes rdlm call
+# jax.distributed.initialize(), which reads the process count and ids from the TPU metadata.
 train() {
-    local command
-    command="cd ~/rdlm && JAX_COORDINATOR_ADDRESS=@COORDINATOR@:$PORT ~/rdlm-venv/bin/python -m rdlm.train"
+    local command lookup=("${TPU[@]}" describe "$NAME" "${LOCATION[@]}" --format='value(networkEndpoints[0].ipAddress)')
+    command="cd ~/rdlm && JAX_COORDINATOR_ADDRESS=@COORDINATOR@:8476 ~/rdlm-venv/bin/python -m rdlm.train"
     command+=" $(quote --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA_ARGS[@]}")"
-    local lookup=("${TPU[@]}" describe "$NAME" "${LOCATION[@]}" --format='value(networkEndpoints[0].ipAddress)')
     if [[ -n $DRY_RUN ]]; then
         echo "COORDINATOR=\$($(quote "${lookup[@]}"))"
         local word=--command=$command
@@ -134,8 +118,7 @@ train() {
         echo "$(quote "${SSH[@]}") \"${word/@COORDINATOR@/\$COORDINATOR}\""
     else
         local address
-        address=$("${lookup[@]}")
-        "${SSH[@]}" --command="${command/@COORDINATOR@/$address}"
+        address=$("${lookup[@]}") && "${SSH[@]}" --command="${command/@COORDINATOR@/$address}"
     fi
 }
 
@@ -145,7 +128,7 @@ if [[ -n $DRY_RUN ]]; then
     quote "${TPU[@]}" describe "$NAME" "${LOCATION[@]}" --format='value(state)'
     install
     train
-    echo "# resume loop: while the node is not READY after the run (preempted), delete it, create it again and"
+    echo "# resume loop: while the TPU is not READY after the run (preempted), delete it, create it again and"
     echo "# repeat from the wait above, at most $MAX_RESTARTS times; rdlm resumes from $WORKDIR."
     exit 0
 fi
@@ -156,7 +139,7 @@ while :; do
     status=0
     { install && train; } || status=$?
     if [[ $(state) == READY ]]; then
-        ((status == 0)) && { echo "Training finished; delete the TPU with: $(DRY_RUN=1 delete)"; exit 0; }
+        ((status != 0)) || { echo "Training finished; delete the TPU with: $(DRY_RUN=1 delete)"; exit 0; }
         die "training failed on a healthy $NAME (exit $status); fix the cause and rerun this command to resume."
     fi
     restarts=$((restarts + 1))

@@ -16,7 +16,7 @@ from absl import app, flags
 
 SAMPLERS = ("sequential", "speculative", "parallel")
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, Orbax step directory or HF checkpoint directory.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, Orbax step directory or HF directory.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 32, "Core iterations per token (the verifier's with speculative).")
 _EXIT = flags.DEFINE_string("exit", "", "Adaptive exit 'criterion[:threshold]', e.g. kl:5e-4; '' = fixed depth.")
@@ -29,7 +29,7 @@ _MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p x the top pro
 _CHAT = flags.DEFINE_boolean("chat", False, "Wrap the prompt in huginn's chat template.")
 _INIT_SCALE = flags.DEFINE_float("init_scale", 1.0, "Std multiplier of the random initial state; 0 = zero state.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial states and of sampling.")
-_KV_SHARE = flags.DEFINE_integer("kv_share", 0, "Core KV slots per token (iteration i uses slot i mod c); 0 = all.")
+_KV_SHARE = flags.DEFINE_integer("kv_share", 0, "Core KV slots per token (iteration i: slot i mod c); 0 = all.")
 _MIN_STEPS = flags.DEFINE_integer("min_steps", 0, "Iterations before a token may exit.")
 _CONTINUOUS = flags.DEFINE_boolean("continuous", False, "Start each token's state from the previous token's.")
 _DRAFT_STEPS = flags.DEFINE_integer("draft_steps", 4, "Speculative: iterations per drafted token.")
@@ -48,11 +48,12 @@ class Generation:
     extra: dict
 
 
-def generate_text(checkpoint: str, prompt: str, *, sampler: str = "sequential", num_steps: int = 32, exit: str = "",
-                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 0.0,
-                  min_p: float = 0.0, chat: bool = False, init_scale: float = 1.0, seed: int = 0, kv_share: int = 0,
-                  min_steps: int = 0, continuous: bool = False, draft_steps: int = 4, lookahead: int = 8,
-                  inner_steps: int = 4, freeze_threshold: float = 0.03, tokenizer: str = "") -> Generation:
+def generate_text(checkpoint: str, prompt: str, *, sampler: str = "sequential", num_steps: int = 32,
+                  exit: str = "", max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 0.0, min_p: float = 0.0, chat: bool = False, init_scale: float = 1.0,
+                  seed: int = 0, kv_share: int = 0, min_steps: int = 0, continuous: bool = False,
+                  draft_steps: int = 4, lookahead: int = 8, inner_steps: int = 4, freeze_threshold: float = 0.03,
+                  tokenizer: str = "") -> Generation:
     """Loads the checkpoint and its tokenizer, generates from `prompt`, and returns the text and steps."""
     import jax
 
@@ -81,8 +82,9 @@ def generate_text(checkpoint: str, prompt: str, *, sampler: str = "sequential", 
                                             kv_share=kv_share or None, **common)
         extra["acceptance_rate"] = out.acceptance_rate
     else:
-        out = sampling.generate_parallel(config, params, [ids], inner_steps=inner_steps, exit_threshold=freeze_threshold,
-                                         min_steps=min_steps, continuous=continuous, **common)
+        out = sampling.generate_parallel(config, params, [ids], inner_steps=inner_steps,
+                                         exit_threshold=freeze_threshold, min_steps=min_steps,
+                                         continuous=continuous, **common)
         extra["passes"] = int(out.passes)
     new_ids = out.new_tokens()[0]
     seconds = time.perf_counter() - start

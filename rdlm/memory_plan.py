@@ -28,6 +28,7 @@ from rdlm.model import RecurrentLM
 from rdlm.train import model_config_from
 
 GIB = 2**30
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")  # rdlm.data.pipeline's batches
 _REEXEC_ENV = "RDLM_MEMORY_PLAN_DEVICES"
 CPU_NOTE = (
     "Estimates from the CPU compiler for the same number of devices; "
@@ -36,11 +37,15 @@ CPU_NOTE = (
 
 # Own flag set: importing rdlm.train defines its flags (--config, --workdir) in the global one.
 FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/3b5.py.", flag_values=FLAGS)
-flags.DEFINE_string("mesh", "", "Mesh shape over (data, fsdp, tensor), e.g. 1,-1,1; default: config.mesh.shape.", flag_values=FLAGS)
-flags.DEFINE_integer("devices", 0, "Devices to plan for (fake CPU devices if more than present); 0 = all present.", flag_values=FLAGS)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/3b5.py.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "mesh", "", "Mesh shape (data, fsdp, tensor), e.g. 1,-1,1; default: config.mesh.shape.", flag_values=FLAGS
+)
 flags.DEFINE_integer(
-    "per_device_batch", 1, "Sequences per device per micro-batch (sets train.grad_accum_steps); 0 = the config's.",
+    "devices", 0, "Devices to plan for (fake CPU ones if more than present); 0 = all.", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "per_device_batch", 1, "Sequences per device per micro-batch; sets train.grad_accum_steps (0: as configured).",
     flag_values=FLAGS,
 )
 flags.DEFINE_bool("json", False, "Print one JSON line instead of the table.", flag_values=FLAGS)
@@ -50,23 +55,6 @@ def per_device_bytes(abstract, shardings) -> int:
     """Bytes one device holds of a tree of abstract arrays under their NamedShardings."""
     sizes = jax.tree.map(lambda x, s: math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize, abstract, shardings)
     return sum(jax.tree.leaves(sizes))
-
-
-def _check_divisible(abstract, shardings) -> None:
-    """Each sharded dimension must split evenly over its mesh axes (jit rejects uneven inputs)."""
-
-    def check(path, x, s):
-        for dim, axes in zip(x.shape, s.spec):
-            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            ways = math.prod(s.mesh.shape[a] for a in names)
-            if dim % ways:
-                name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-                raise ValueError(
-                    f"{name} {x.shape} has a dimension of {dim} that does not split {ways} ways over mesh axes "
-                    f"{names}; choose a mesh whose axis sizes divide it."
-                )
-
-    jax.tree_util.tree_map_with_path(check, abstract, shardings)
 
 
 def _grad_accum_steps(config, ways: int, per_device_batch: int) -> int:
@@ -91,7 +79,9 @@ def plan(config, devices=None, per_device_batch: int = 1) -> dict:
     ways = math.prod(mesh.shape[a] for a in sharding.data_axes(rules))
     accum = _grad_accum_steps(config, ways, per_device_batch)
     if accum < 1 or config.train.batch_size % accum:
-        raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of train.grad_accum_steps={accum}.")
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} must be a multiple of train.grad_accum_steps={accum}."
+        )
     micro = config.train.batch_size // accum
     sharding.check_batch(micro, mesh, rules, "train.batch_size / train.grad_accum_steps")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -100,14 +90,15 @@ def plan(config, devices=None, per_device_batch: int = 1) -> dict:
         tx = optim.make_optimizer(config, accumulate=False)
         seq_len = config.data.seq_len
         abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, seq_len)
-        _check_divisible(abstract, shardings)
+        sharding.check_divisible(abstract, shardings)
         rows = (accum, micro) if accum > 1 else (micro,)
-        batch = {k: jax.ShapeDtypeStruct((*rows, seq_len), jnp.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
-        batch["weights"] = jax.ShapeDtypeStruct((*rows, seq_len), jnp.float32)
+        dtypes = {k: jnp.float32 if k == "weights" else jnp.int32 for k in BATCH_KEYS}
+        batch = {k: jax.ShapeDtypeStruct((*rows, seq_len), dtype) for k, dtype in dtypes.items()}
         batch_sharding = sharding.batch_sharding(mesh, rules, leading_dims=len(rows) - 1)
-        step_fn = steps.make_train_step(model, tx, optim.make_schedule(config), config.recurrence, jax.random.key(0), accum)
+        schedule = optim.make_schedule(config)
         step = jax.jit(
-            step_fn, in_shardings=(shardings, batch_sharding),
+            steps.make_train_step(model, tx, schedule, config.recurrence, jax.random.key(0), accum),
+            in_shardings=(shardings, batch_sharding),
             out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
         )
         start = time.perf_counter()
@@ -140,24 +131,26 @@ def plan(config, devices=None, per_device_batch: int = 1) -> dict:
     if out["platform"] == "cpu":
         out["note"] = CPU_NOTE
     # Peak: inputs, outputs not written in place of a donated input, temporaries and the program.
-    out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"] + out[
-        "generated_code_bytes"
-    ]
+    live = ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes")
+    out["total_bytes"] = sum(out[k] for k in live) - out["alias_bytes"]
     return out
 
 
 def format_plan(p: dict, config_file: str) -> str:
+    """The plan as a table in GiB per device."""
     mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items())
     lines = [
-        f"rdlm memory plan: {config_file}, {p['parameters']:,} parameters, mesh {mesh} on {p['devices']} {p['platform']} devices",
-        f"batch: {p['global_batch']} sequences x {p['seq_len']} tokens per step = {p['grad_accum_steps']} micro-batch(es) "
-        f"of {p['per_device_micro_batch']} sequence(s) per device",
+        f"rdlm memory plan: {config_file}, {p['parameters']:,} parameters, "
+        f"mesh {mesh} on {p['devices']} {p['platform']} devices",
+        f"batch: {p['global_batch']} sequences x {p['seq_len']} tokens per step = {p['grad_accum_steps']} "
+        f"micro-batch(es) of {p['per_device_micro_batch']} sequence(s) per device",
     ]
     if p["platform"] == "cpu":
         lines.append(CPU_NOTE)
     rows = [
         ("parameters", "param_bytes"), ("optimizer state", "opt_state_bytes"), ("batch", "batch_bytes"),
-        ("arguments (compiler)", "argument_bytes"), ("outputs", "output_bytes"), ("aliased (donated)", "alias_bytes"),
+        ("arguments (compiler)", "argument_bytes"), ("outputs", "output_bytes"),
+        ("aliased (donated)", "alias_bytes"),
         ("temporaries", "temp_bytes"), ("generated code", "generated_code_bytes"), ("total", "total_bytes"),
     ]
     lines.append(f"{'per device':<24}{'GiB':>10}")
@@ -181,14 +174,14 @@ def _reexec_with_devices(n: int) -> None:
     if os.environ.get(_REEXEC_ENV) == str(n):
         sys.exit(f"error: asked for {n} fake CPU devices but got {jax.device_count()}; check XLA_FLAGS.")
     xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count={n}".strip())
-    env[_REEXEC_ENV] = str(n)
+    xla_flags = f"{xla_flags} --xla_force_host_platform_device_count={n}".strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, **{_REEXEC_ENV: str(n)})
     os.execve(sys.executable, [sys.executable, "-m", "rdlm.memory_plan", *sys.argv[1:]], env)
 
 
 def _parse(argv: list[str]) -> None:
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip() + "\n\n" + FLAGS.get_help())
+        print(__doc__.strip() + "\n\n" + FLAGS.get_help(include_special_flags=False))
         sys.exit(0)
     try:
         FLAGS(argv)
@@ -218,7 +211,8 @@ def main(argv: list[str]) -> None:
         result = plan(config, jax.devices()[:wanted], FLAGS.per_device_batch)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(json.dumps(result) if FLAGS.json else format_plan(result, config_flags.get_config_filename(FLAGS["config"])), flush=True)
+    config_file = config_flags.get_config_filename(FLAGS["config"])
+    print(json.dumps(result) if FLAGS.json else format_plan(result, config_file), flush=True)
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def rms(tree: Any) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     total = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
     count = sum(x.size for x in leaves)
-    return jnp.sqrt(total / max(count, 1))
+    return jnp.sqrt(total / float(max(count, 1)))  # a float: counts of 3.5B overflow int32
 
 
 def model_flops_per_token(

@@ -79,6 +79,23 @@ def logical_shardings(abstract_boxed, mesh: Mesh, rules) -> object:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def check_divisible(abstract, shardings) -> None:
+    """Each sharded dimension must split evenly over its mesh axes (jit rejects uneven inputs)."""
+
+    def check(path, x, s):
+        for dim, axes in zip(x.shape, s.spec):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = math.prod(s.mesh.shape[a] for a in names)
+            if dim % ways:
+                name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+                raise ValueError(
+                    f"{name} {x.shape} has a dimension of {dim} that does not split {ways} ways over mesh axes "
+                    f"{names}; choose a mesh whose axis sizes divide it."
+                )
+
+    jax.tree_util.tree_map_with_path(check, abstract, shardings)
+
+
 def data_axes(rules) -> tuple[str, ...]:
     """The mesh axes the batch dimension is split over."""
     axes = dict(rules)[BATCH_AXIS]

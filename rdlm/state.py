@@ -39,7 +39,9 @@ def abstract_state(model, tx, mesh, rules, seq_len: int) -> tuple[TrainState, Tr
     """(shapes of the unboxed state, its NamedShardings), allocating nothing."""
     boxed = jax.eval_shape(lambda rng: _init_boxed(model, tx, rng, seq_len), jax.random.key(0))
     shardings = sharding.logical_shardings(boxed, mesh, rules)
-    return strip_boxes(boxed), shardings
+    abstract = strip_boxes(boxed)
+    sharding.check_divisible(abstract, shardings)
+    return abstract, shardings
 
 
 def init_state(model, tx, rng, mesh, rules, seq_len: int) -> TrainState:

@@ -1,6 +1,7 @@
 """Pure, jitted steps: training with the paper's randomized depth, and validation loss at a given r."""
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,11 @@ from rdlm.state import TrainState
 
 # Streams folded into the run's rng, so each use draws independently.
 _DEPTH_STREAM, _STATE_STREAM = 0, 1
+
+
+class _States(NamedTuple):
+    state: jax.Array
+    prev_state: jax.Array
 
 
 def depth_for_step(recurrence, rng, step):
@@ -59,13 +65,17 @@ def make_train_step(model: RecurrentLM, tx, schedule, recurrence, rng, grad_accu
             def micro(carry, xs):
                 i, micro_batch = xs
                 loss_sum, weight_sum, grads, out = grads_of(state.params, micro_batch, n, k, jax.random.fold_in(state_rng, i))
-                acc_loss, acc_weight, acc_grads = carry
-                return (acc_loss + loss_sum, acc_weight + weight_sum, jax.tree.map(jnp.add, acc_grads, grads)), out
+                acc_loss, acc_weight, acc_grads, _ = carry
+                acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+                return (acc_loss + loss_sum, acc_weight + weight_sum, acc_grads, (out.state, out.prev_state)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
+            shape = batch["inputs"].shape[1:] + (model.config.n_embd,)
+            no_state = jnp.zeros(shape, model.config.compute_dtype)
             indices = jnp.arange(grad_accum_steps)
-            (loss_sum, weight_sum, grads), outs = jax.lax.scan(micro, (0.0, 0.0, zeros), (indices, batch))
-            out = jax.tree.map(lambda x: x[-1], outs)
+            carry = (0.0, 0.0, zeros, (no_state, no_state))  # only the last micro-batch's states are kept
+            (loss_sum, weight_sum, grads, last), _ = jax.lax.scan(micro, carry, (indices, batch))
+            out = _States(*last)
         denominator = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

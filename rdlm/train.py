@@ -46,8 +46,8 @@ def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
     """`jax.distributed.initialize()` whenever this run has more than one process.
 
-    Explicit flags (e.g. several processes on one host) win; otherwise the environment of a
-    multi-host TPU slice, a SLURM job or `JAX_COORDINATOR_ADDRESS` is auto-detected by JAX.
+    Explicit flags (e.g. several processes on one host) win; otherwise a Cloud TPU VM, a SLURM job
+    with several tasks or `JAX_COORDINATOR_ADDRESS` makes JAX detect the cluster itself.
     """
     # CPU processes exchange collectives through gloo; accelerators ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -55,9 +55,17 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, 
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
         return
     multi_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    multi_tpu = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
-    if multi_slurm or multi_tpu or "JAX_COORDINATOR_ADDRESS" in os.environ:
+    if multi_slurm or _on_cloud_tpu_vm() or "JAX_COORDINATOR_ADDRESS" in os.environ:
         jax.distributed.initialize()
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM (single- or multi-host): JAX reads the worker list from its metadata server."""
+    try:
+        from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
+    except ImportError:
+        return bool(os.environ.get("TPU_WORKER_HOSTNAMES"))
+    return bool(running_in_cloud_tpu_vm)
 
 
 class _SigtermFlag:

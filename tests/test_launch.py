@@ -5,6 +5,7 @@ import pathlib
 import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -219,3 +220,17 @@ def test_local_failure_of_one_process_stops_the_others_and_is_returned(tmp_path)
     assert out.returncode == 3 and time.time() - start < 15
     assert (tmp_path / "stopped").read_text() == "stopped\n"
     assert "error: process 1 exited with status 3; stopping the others." in out.stderr
+
+
+@pytest.mark.slow
+def test_local_two_processes_train_and_resume(tmp_path):
+    """Two real processes of 4 fake CPU devices each form one 8-device mesh; a rerun resumes."""
+    args = ["--processes=2", "--cpu-devices=4", "--config=tests/train_config_cli.py", f"--workdir={tmp_path}",
+            f"--python={sys.executable}"]
+    first = _run("local.sh", *args, "--extra=--config.train.num_steps=2 --config.checkpoint.every_steps=2", timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "[0] " in first.stderr and "[1] " in first.stderr and "on mesh {'data': 1, 'fsdp': 8" in first.stderr
+    second = _run("local.sh", *args, "--extra=--config.train.num_steps=3", timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resumed from" in second.stderr and "at step 2" in second.stderr
+    assert (tmp_path / "checkpoints" / "3" / "_CHECKPOINT_METADATA").exists()

@@ -1,6 +1,10 @@
-"""Per-token adaptive exit, KV sharing and continuous chain-of-thought, checked against a slow reference."""
+"""Batches of prompts, stop tokens, per-token adaptive exit, KV sharing and continuous chain-of-thought.
+
+One compiled KL-exit sampler per shape serves most tests: threshold 0 never exits (plain greedy).
+"""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +12,12 @@ import numpy as np
 import pytest
 
 from test_sampling_reference import ReferenceDecoder
+from rdlm import checkpoint_io
 from rdlm.interop import huginn, safetensors_io
-from rdlm.sampling import KVCache, SamplerOptions, decode, exits, generate
+from rdlm.sampling import KVCache, SamplerOptions, decode, exits, generate, text
 
 NEW, R = 12, 8
+TRAINED = os.environ.get("RDLM_TRAINED_CHECKPOINT")  # a trained checkpoint (workdir, step or HF directory)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,8 @@ def kl_generate(config, params, prompts, threshold, **kwargs):
 
 def kl_run(config, params, prompts, threshold, **kwargs):
     """The final sampling state (cache included) of the same compiled sampler generate() uses."""
-    options = SamplerOptions.build(num_steps=R, init_scale=0.0, exit_criterion="kl", exit_threshold=threshold, **kwargs)
+    options = SamplerOptions.build(num_steps=R, init_scale=0.0, exit_criterion="kl", exit_threshold=threshold,
+                                   **kwargs)
     sampler = decode.cached_sampler(config, options.static())
     return sampler.run(params, prompts, max_new_tokens=NEW, options=options)
 
@@ -64,7 +71,7 @@ def test_an_exited_token_leaves_its_deepest_entry_in_skipped_slots(tiny):
     st = kl_run(config, params, exp["input_ids"][:1, :8], 0.01)
     steps = np.asarray(st.steps_BM)[0]
     core_k = np.asarray(st.cache.core[0])  # [C, Lc, B, T, H, K]
-    exited = [(7 + t, int(e)) for t, e in enumerate(steps) if e < R]  # new token t came from feeding position 7 + t
+    exited = [(7 + t, int(e)) for t, e in enumerate(steps) if e < R]  # new token t: fed position 7 + t
     assert exited
     for p, e in exited:
         for j in range(e, R):
@@ -73,19 +80,50 @@ def test_an_exited_token_leaves_its_deepest_entry_in_skipped_slots(tiny):
             assert not np.array_equal(core_k[e - 1, :, 0, p], core_k[e - 2, :, 0, p])
 
 
-def test_rows_exit_independently(tiny):
+def batch_prompts(exp):
+    ids = exp["input_ids"]
+    return [ids[0, :8].tolist(), ids[1, :5].tolist(), ids[1, 10:13].tolist()]
+
+
+def test_batch_rows_get_what_they_get_alone_and_exit_independently(tiny):
     config, params, exp = tiny
-    prompts = [exp["input_ids"][0, :8].tolist(), exp["input_ids"][1, :5].tolist()]
-    out = kl_generate(config, params, prompts, 0.01)
-    steps = np.asarray(out.steps_per_token)
-    assert (steps[0] != steps[1]).any()
+    prompts = batch_prompts(exp)
+    for threshold in (0.0, 0.01):
+        out = kl_generate(config, params, prompts, threshold)
+        tokens, steps = np.asarray(out.tokens), np.asarray(out.steps_per_token)
+        assert tokens.shape == (3, 8 + NEW)
+        for b, prompt in enumerate(prompts):
+            row = np.zeros((1, 8), np.int32)
+            row[0, : len(prompt)] = prompt
+            alone = kl_generate(config, params, row, threshold, prompt_lengths=[len(prompt)])
+            n = len(prompt)
+            np.testing.assert_array_equal(tokens[b, : n + NEW], np.asarray(alone.tokens)[0, : n + NEW])
+            np.testing.assert_array_equal(steps[b], np.asarray(alone.steps_per_token)[0])
+            np.testing.assert_array_equal(tokens[b, :n], prompt)
+            assert (tokens[b, n + NEW :] == 0).all()
+        if threshold == 0:
+            np.testing.assert_array_equal(tokens[0], exp["greedy_r8"][0])
+            np.testing.assert_array_equal(steps, R)
+        else:
+            assert len({tuple(row) for row in steps}) == 3  # each row exits on its own
+
+
+def test_stop_tokens_end_rows(tiny):
+    config, params, exp = tiny
+    prompts = batch_prompts(exp)
+    free = kl_generate(config, params, prompts, 0.0).new_tokens()
+    stop = free[0][3]
+    out = kl_generate(config, params, prompts, 0.0, stop_tokens=[stop], pad_id=7)
+    tokens, steps = np.asarray(out.tokens), np.asarray(out.steps_per_token)
+    ends = []
     for b, prompt in enumerate(prompts):
-        row = np.zeros((1, 8), np.int32)
-        row[0, : len(prompt)] = prompt
-        alone = kl_generate(config, params, row, 0.01, prompt_lengths=[len(prompt)])
-        n = len(prompt)
-        np.testing.assert_array_equal(np.asarray(out.tokens)[b, : n + NEW], np.asarray(alone.tokens)[0, : n + NEW])
-        np.testing.assert_array_equal(steps[b], np.asarray(alone.steps_per_token)[0])
+        n, row = len(prompt), free[b]
+        end = row.index(stop) + 1 if stop in row else NEW
+        ends.append(end)
+        np.testing.assert_array_equal(tokens[b, n : n + end], row[:end])
+        assert (tokens[b, n + end :] == 7).all() and (steps[b, end:] == 0).all() and (steps[b, :end] == R).all()
+        assert out.new_tokens()[b] == row[:end]
+    assert len(set(ends)) > 1 and min(ends) < NEW, ends
 
 
 def test_kv_share_matches_reference_and_shrinks_the_cache(tiny, reference):
@@ -97,7 +135,7 @@ def test_kv_share_matches_reference_and_shrinks_the_cache(tiny, reference):
         np.testing.assert_array_equal(np.asarray(out.tokens)[0], tokens)
         np.testing.assert_array_equal(np.asarray(out.steps_per_token)[0], steps)
     shared = kl_run(config, params, [prompt], 0.0, kv_share=2).cache
-    full = jax.eval_shape(lambda: KVCache.create(config, 1, 8 + NEW, R))
+    full = jax.eval_shape(lambda: KVCache.create(config, 1, shared.length, R))
     assert shared.core[0].shape[0] == 2 and full.core[0].shape[0] == R
     assert sum(x.size for x in full.core) == (R // 2) * sum(x.size for x in shared.core)
 
@@ -145,3 +183,19 @@ def test_criteria_values():
     assert exits.parse_exit("argmax-stability") == exits.ExitCriterion("argmax-stability", 5)
     with pytest.raises(ValueError, match="threshold 'x' is not a number"):
         exits.parse_exit("kl:x")
+
+
+@pytest.mark.skipif(not TRAINED, reason="set RDLM_TRAINED_CHECKPOINT to a trained checkpoint directory")
+def test_kl_exit_saves_compute_on_a_trained_model():
+    config, params = checkpoint_io.load_params(TRAINED)
+    try:
+        prompt = text.load_codec(TRAINED).prompt_ids("def add(a, b):\n    return")
+    except FileNotFoundError:
+        prompt = list(range(1, 9))
+    r = 16
+    out = generate(config, params, [prompt], max_new_tokens=32, num_steps=r, init_scale=0.0, exit_criterion="kl",
+                   exit_threshold=5e-4)
+    steps = np.asarray(out.steps_per_token)
+    mean = steps[steps > 0].mean()
+    print(f"kl 5e-4 at r={r}: mean steps per token {mean:.2f}")
+    assert mean < r

@@ -15,7 +15,8 @@ def tiny(huginn_tiny_dir):
     config, params = huginn.load_hf_checkpoint(huginn_tiny_dir / "checkpoint")
     expected = safetensors_io.SafetensorsFile(huginn_tiny_dir / "expected.safetensors")
     exp = {k: np.asarray(expected.get(k)) for k in expected.keys()}
-    prompts = [exp["input_ids"][0, :8].tolist(), exp["input_ids"][1, :5].tolist()]
+    ids = exp["input_ids"]
+    prompts = [ids[0, :8].tolist(), ids[1, :5].tolist(), ids[1, 10:13].tolist()]  # the batch of the exit tests
     return config, params, exp, prompts
 
 
@@ -27,15 +28,16 @@ def reference(tiny):
 
 def test_speculative_greedy_equals_plain_greedy_at_the_verifier_depth(tiny, reference):
     config, params, exp, prompts = tiny
-    out = generate_speculative(config, params, prompts, max_new_tokens=NEW, num_steps=R, draft_steps=2, lookahead=4,
-                               init_scale=0.0)
+    out = generate_speculative(config, params, prompts, max_new_tokens=NEW, num_steps=R, draft_steps=2,
+                               lookahead=4, init_scale=0.0)
     tokens = np.asarray(out.tokens)
     np.testing.assert_array_equal(tokens[0], exp["greedy_r8"][0])
     for b, prompt in enumerate(prompts):
         np.testing.assert_array_equal(tokens[b, : len(prompt) + NEW], reference.generate(prompt, NEW, R)[0])
     drafted, accepted = np.asarray(out.drafted), np.asarray(out.accepted)
     assert (drafted % 4 == 0).all() and (accepted <= drafted).all() and 0 < out.acceptance_rate < 1
-    print(f"speculative acceptance (draft 2 / verify 8, lookahead 4): {out.acceptance_rate:.3f}, rounds {int(out.rounds)}")
+    print(f"speculative acceptance (draft 2, verify 8, lookahead 4): {out.acceptance_rate:.3f}, "
+          f"rounds {int(out.rounds)}")
 
 
 def test_parallel_with_a_window_of_one_is_sequential_decoding(tiny, reference):
@@ -52,7 +54,8 @@ def test_parallel_with_a_window_of_one_is_sequential_decoding(tiny, reference):
 
 def test_parallel_sampler_runs_and_its_agreement_is_measured(tiny, reference):
     config, params, exp, prompts = tiny
-    out = generate_parallel(config, params, prompts, max_new_tokens=NEW, num_steps=R, inner_steps=2, init_scale=0.0)
+    out = generate_parallel(config, params, prompts, max_new_tokens=NEW, num_steps=R, inner_steps=2,
+                            init_scale=0.0)
     tokens, steps = np.asarray(out.tokens), np.asarray(out.steps_per_token)
     agreement = []
     for b, prompt in enumerate(prompts):
@@ -65,4 +68,5 @@ def test_parallel_sampler_runs_and_its_agreement_is_measured(tiny, reference):
             assert new[0] == reference.generate(prompt, 1, R, share=1)[0][n]
     assert ((2 <= steps) & (steps <= R)).all()
     assert NEW <= int(out.passes) < NEW * R // 2  # fewer passes than sequential iterations / inner_steps
-    print(f"parallel: {int(out.passes)} passes of 2 iterations for {NEW} tokens; agreement {np.round(agreement, 3)}")
+    print(f"parallel: {int(out.passes)} passes of 2 iterations for {NEW} tokens; "
+          f"agreement {np.round(agreement, 3)}")

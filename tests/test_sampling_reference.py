@@ -20,13 +20,18 @@ def _np(kv):
     return tuple(np.asarray(x) for x in kv)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "method"))
+def _stage(params, *args, config, method):
+    return RecurrentLM(config).apply({"params": params}, *args, method=method)
+
+
 class ReferenceDecoder:
     def __init__(self, config, params, max_len: int):
         self.config, self.T = config, max_len
-        apply = functools.partial(RecurrentLM(config).apply, {"params": params})
-        self._embed = jax.jit(lambda *a: apply(*a, method=RecurrentLM.embed))
-        self._iterate = jax.jit(lambda *a: apply(*a, method=RecurrentLM.iterate))
-        self._decode = jax.jit(lambda *a: apply(*a, method=RecurrentLM.decode))
+        stage = functools.partial(_stage, params, config=config)
+        self._embed = functools.partial(stage, method=RecurrentLM.embed)
+        self._iterate = functools.partial(stage, method=RecurrentLM.iterate)
+        self._decode = functools.partial(stage, method=RecurrentLM.decode)
 
     @staticmethod
     def source_iteration(i: int, r: int, share: int | None, ran: int) -> int:
@@ -47,15 +52,17 @@ class ReferenceDecoder:
         logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)))
         return float(np.sum(np.exp(prev) * (prev - logp))) < threshold, logp
 
-    def generate(self, prompt, max_new: int, r: int, *, share=None, kl_threshold=None, min_steps=0, continuous=False):
+    def generate(self, prompt, max_new: int, r: int, *, share=None, kl_threshold=None, min_steps=0,
+                 continuous=False):
         cfg, T, V = self.config, self.T, self.config.vocab_size
         tokens = [int(t) for t in prompt]
         P = len(tokens) - 1
         prelude, core, coda, ran = {}, {}, {}, {}
-        pos, seg = np.arange(P)[None], np.ones((1, P), np.int32)
-        e, kv = self._embed(np.asarray(tokens[:P])[None], pos, seg, None, None)
+        width = 8 * (P // 8 + 1)  # the prompt block is padded (segment 0) so that prompts share compiles
+        pos, seg = np.arange(width)[None], (np.arange(width) < P)[None].astype(np.int32)
+        e, kv = self._embed(np.asarray(tokens[:P] + [0] * (width - P))[None], pos, seg, None, None)
         kv = _np(kv)
-        state = np.zeros((1, P, cfg.n_embd), np.float32)
+        state = np.zeros((1, width, cfg.n_embd), np.float32)
         for q in range(P):
             prelude[q] = (kv[0][:, 0, q], kv[1][:, 0, q])
         for i in range(r):

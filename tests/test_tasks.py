@@ -12,12 +12,6 @@ def test_same_seed_same_problems_and_different_seed_differs(task):
     assert a != tasks.generate(task, 50, seed=4, difficulties=range(4, 9))
 
 
-def test_tasks_with_the_same_seed_differ():
-    parity = tasks.generate("parity", 5, seed=0, difficulties=[6])
-    carry = tasks.generate("carry", 5, seed=0, difficulties=[6])
-    assert [p.prompt for p in parity] != [p.prompt for p in carry]
-
-
 def test_parity_answers_and_format():
     for p in tasks.generate("parity", 300, seed=1, difficulties=[1, 2, 7, 30]):
         bits = p.prompt[:-1]
@@ -48,6 +42,14 @@ def test_hand_worked_examples():
     carry2 = {p.prompt: p.answer for p in tasks.generate("carry", 20000, seed=0, difficulties=[2])}
     assert carry2["55 45="] == "1"  # 45 + 55 = 100: the carry from 5 + 5 runs through 4 + 5
     assert carry2["54 45="] == "0"  # 45 + 54 = 99
+
+
+def test_numpy_integer_difficulties_and_seeds_are_accepted():
+    import numpy as np
+
+    a = tasks.generate("parity", 20, seed=np.int64(5), difficulties=np.arange(3, 6))
+    assert a == tasks.generate("parity", 20, seed=5, difficulties=[3, 4, 5])
+    assert all(type(p.difficulty) is int for p in a)
 
 
 def test_difficulty_is_drawn_from_the_given_set_uniformly():

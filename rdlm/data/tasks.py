@@ -10,6 +10,7 @@ document text is `prompt + answer`; the answer is what greedy decoding after the
 """
 
 import dataclasses
+import numbers
 import random
 from typing import Sequence
 
@@ -18,7 +19,7 @@ TASKS = ("parity", "carry")
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One problem: `prompt + answer` is the document text; `difficulty` is the number of sequential steps."""
+    """One problem: `prompt + answer` is the document text; `difficulty` counts its sequential steps."""
 
     prompt: str
     answer: str
@@ -49,24 +50,29 @@ _MAKERS = {"parity": _parity, "carry": _carry}
 
 
 def generate(task: str, num: int, *, seed: int, difficulties: Sequence[int]) -> list[Problem]:
-    """`num` problems of `task`, each with a difficulty drawn uniformly from `difficulties`; deterministic per seed."""
+    """`num` problems of `task`, each difficulty drawn uniformly from `difficulties`; deterministic per seed.
+
+    Repeating a value in `difficulties` weights it. The same seed gives different problems per task.
+    """
     if task not in _MAKERS:
         raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")
     difficulties = list(difficulties)
     if not difficulties:
         raise ValueError(f"difficulties={difficulties} is empty; give at least one difficulty >= 1.")
-    bad = [g for g in difficulties if not isinstance(g, int) or isinstance(g, bool) or g < 1]
+    bad = [g for g in difficulties if not isinstance(g, numbers.Integral) or isinstance(g, bool) or g < 1]
     if bad:
         raise ValueError(f"difficulties contains invalid value(s) {bad}; each must be an int >= 1.")
     if num < 0:
         raise ValueError(f"num={num} must be >= 0.")
-    rng = random.Random(f"{task}:{seed}")
+    difficulties = [int(g) for g in difficulties]
+    rng = random.Random(f"{task}:{int(seed)}")
     return [_MAKERS[task](rng, rng.choice(difficulties)) for _ in range(num)]
 
 
 def check_answer(problem: Problem, generated: str) -> bool:
-    """Whether greedy output `generated` (what follows the prompt, leading spaces ignored) begins with the answer.
+    """Whether `generated`, the greedy decoding after the prompt, begins with the answer.
 
-    Only the answer's length is compared, so text decoded past the end of the answer does not matter.
+    Leading spaces are ignored and only the answer's length is compared, so whatever the decoder
+    produced after the answer (the next document, say) does not matter.
     """
     return generated.lstrip(" ")[: len(problem.answer)] == problem.answer

@@ -27,7 +27,9 @@ class CoreIteration(nn.Module):
         adapter = logical_param(self, "adapter", trunc_normal(cfg.init_std), (2 * D, D), ("adapter", "embed"), cfg.weight_dtype)
         x_BS2D = jnp.concatenate([state_BSD, embedded_BSD.astype(state_BSD.dtype)], axis=-1)
         x_BSD = jnp.einsum("bse,ed->bsd", x_BS2D, adapter.astype(cfg.compute_dtype))
-        core = BlockStack(cfg, cfg.n_layers_in_recurrent_block, name="core_block")
+        # Rematerialised per layer as well as per iteration (run_with_grad), so a backward pass holds
+        # one layer's attention at a time.
+        core = BlockStack(cfg, cfg.n_layers_in_recurrent_block, remat=True, name="core_block")
         return core(x_BSD, positions_BS, segment_ids_BS, past_kv, past_mask)
 
 

@@ -70,8 +70,8 @@ def run_block(
         return None if fresh else kv
 
     def head(cache, state_BSD, with_logits: bool):
-        logits, _, kv = apply(state_BSD, positions_BS, segment_BS, past(cache.coda), mask, return_logits=with_logits,
-                              method=RecurrentLM.decode)
+        logits, _, kv = apply(state_BSD, positions_BS, segment_BS, past(cache.coda), mask,
+                              return_logits=with_logits, method=RecurrentLM.decode)
         return cache.write_coda(kv, positions_BS), logits
 
     embedded, kv = apply(tokens_BS, positions_BS, segment_BS, past(cache.prelude), mask, method=RecurrentLM.embed)

@@ -11,7 +11,9 @@ reference's `compress-s{c}` counts core-layer slots, so kv_share=C is its `compr
 A token that stops early (adaptive exit, or a cheap draft) behaves as if its state had reached a
 fixed point: its last computed core entry is copied into every slot of the iterations it skipped,
 so a later token at iteration i reads the deepest entry that token wrote (the reference's
-`latest-m4` lookup, "attend to the deepest available KV").
+`latest-m4` lookup, "attend to the deepest available KV"). With KV sharing as well, the slots of the
+skipped iterations get that entry too; the reference instead leaves whatever iteration below the
+exit wrote the slot last.
 """
 
 import flax

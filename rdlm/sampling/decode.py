@@ -9,6 +9,7 @@ reuses them (generate() keeps a few Samplers around for the same reason).
 """
 
 import functools
+import math
 
 import flax
 import jax
@@ -76,12 +77,13 @@ def initial_states(config: ModelConfig, init_scale: float, rng, shape):
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "kv_share", "init_scale", "max_new_tokens",
                                              "extra_length"))
-def prefill(params, prompt_BP, lengths_B, rng, pad_id, *, config: ModelConfig, num_steps: int, kv_share: int | None,
-            init_scale: float, max_new_tokens: int, extra_length: int = 0) -> SamplingState:
+def prefill(params, prompt_BP, lengths_B, rng, pad_id, *, config: ModelConfig, num_steps: int,
+            kv_share: int | None, init_scale: float, max_new_tokens: int, extra_length: int = 0) -> SamplingState:
     """Caches every prompt token but each row's last (at full depth) in a fresh cache of P + max_new + extra slots.
 
     The last prompt token becomes the row's newest token: the decode loop feeds it and emits the
     first new token, so prefill needs no head and is shared by every sampler with these settings.
+    (The prompt context always runs at full depth; the first adaptive token is the last prompt token.)
     """
     model = RecurrentLM(config)
     B, P = prompt_BP.shape
@@ -109,20 +111,26 @@ def prefill(params, prompt_BP, lengths_B, rng, pad_id, *, config: ModelConfig, n
 
 def prefill_for(options: SamplerOptions, knobs: Knobs, config: ModelConfig, params, prompt_BP, lengths_B, rng, *,
                 max_new_tokens: int, extra_length: int = 0, kv_share: int | None = None) -> SamplingState:
+    """`prefill` with the options' settings. The cache gets 8k spare slots (k >= 1, enough for `extra_length`),
+    so plain, speculative and parallel samplers of one shape share the compiled prefill."""
     return prefill(params, prompt_BP, lengths_B, rng, knobs.pad_id, config=config, num_steps=options.num_steps,
                    kv_share=kv_share, init_scale=options.init_scale, max_new_tokens=max_new_tokens,
-                   extra_length=extra_length)
+                   extra_length=8 * math.ceil(max(extra_length, 1) / 8))
 
 
-def decode_step(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, params, st: SamplingState) -> SamplingState:
+def decode_step(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, params,
+                st: SamplingState) -> SamplingState:
     """Feeds each live row's newest token and emits the next one."""
     cfg = model.config
     B, D = st.state_BD.shape
     rng, k_init, k_tok = jax.random.split(st.rng, 3)
-    init = st.state_BD[:, None] if options.continuous else initial_states(cfg, options.init_scale, k_init, (B, 1, D))
+    if options.continuous:
+        init = st.state_BD[:, None]
+    else:
+        init = initial_states(cfg, options.init_scale, k_init, (B, 1, D))
     live = ~st.done_B
-    out = run_block(model, params, st.cache, st.last_token_B[:, None], st.lengths_B, jnp.ones((B, 1), bool), init, live,
-                    num_steps=options.num_steps, exit=options.exit, knobs=knobs)
+    out = run_block(model, params, st.cache, st.last_token_B[:, None], st.lengths_B, jnp.ones((B, 1), bool), init,
+                    live, num_steps=options.num_steps, exit=options.exit, knobs=knobs)
     token_B = logits_lib.choose(k_tok, out.logits[:, -1], options.temperature, options.top_k, options.top_p,
                                 options.min_p)
     st = st.replace(
@@ -138,8 +146,9 @@ def decode_step(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, param
 class Sampler:
     """The compiled decode loop for one (model config, static options); reuse it to avoid recompiling.
 
-    Calls may pass other `options` with the same `static()` part (another exit threshold, min_steps
-    or stop tokens): they run on the same compiled code.
+    Calls may pass other `options` with the same `static()` part (another exit threshold, min_steps,
+    stop tokens or pad id): they run on the same compiled code. The prefill is one module-level jit
+    shared by all samplers.
     """
 
     def __init__(self, config: ModelConfig, options: SamplerOptions):
@@ -158,8 +167,8 @@ class Sampler:
 
     def knobs(self, options: SamplerOptions) -> Knobs:
         if options.static() != self.static:
-            raise ValueError("These options differ from the Sampler's beyond exit_threshold, min_steps and stop_tokens; "
-                             "make a new Sampler for them.")
+            raise ValueError("These options differ from the Sampler's beyond exit_threshold, min_steps, "
+                             "stop_tokens and pad_id; make a new Sampler for them.")
         options.check_vocab(self.config.vocab_size)
         return options.knobs()
 
@@ -217,9 +226,9 @@ def generate(
     kv_share=c keeps c core KV slots per token (iteration i writes slot i mod c).
     """
     options = SamplerOptions.build(
-        num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop_tokens=stop_tokens,
-        pad_id=pad_id, init_scale=init_scale, exit_criterion=exit_criterion, exit_threshold=exit_threshold,
-        min_steps=min_steps, kv_share=kv_share, continuous=continuous,
+        num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        stop_tokens=stop_tokens, pad_id=pad_id, init_scale=init_scale, exit_criterion=exit_criterion,
+        exit_threshold=exit_threshold, min_steps=min_steps, kv_share=kv_share, continuous=continuous,
     )
     options.check_vocab(config.vocab_size)
     sampler = cached_sampler(config, options.static())

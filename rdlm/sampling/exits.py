@@ -94,7 +94,9 @@ def make_criterion(name: str | None, threshold=None) -> ExitCriterion | None:
     """The criterion `name` with `threshold` (None: the default), or None for no adaptive exit."""
     if name is None or name == "none":
         if threshold is not None:
-            raise ValueError(f"exit_threshold={threshold!r} was given without an exit_criterion; pass one of {CRITERIA}.")
+            raise ValueError(
+                f"exit_threshold={threshold!r} was given without an exit_criterion; pass one of {CRITERIA}."
+            )
         return None
     if name not in DEFAULT_THRESHOLDS:
         raise ValueError(f"Unknown exit_criterion {name!r}; choose one of {CRITERIA} or None.")
@@ -107,7 +109,8 @@ def make_criterion(name: str | None, threshold=None) -> ExitCriterion | None:
                 "(iterations the argmax must stay unchanged)."
             )
         return ExitCriterion(name, int(threshold))
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) or threshold < 0:
+    real = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+    if not real or not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"exit_threshold={threshold!r} for {name!r} must be a finite non-negative float.")
     return ExitCriterion(name, float(threshold))
 

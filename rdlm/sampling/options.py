@@ -32,7 +32,8 @@ def _check_float(name: str, value, low: float, high: float = math.inf, open_low:
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
     if not ok or value < low or value > high or (open_low and value == low):
         bound = f"> {low}" if open_low else f">= {low}"
-        raise ValueError(f"{name}={value!r} must be a float {bound}" + (f" and <= {high}." if high < math.inf else "."))
+        upper = f" and <= {high}." if high < math.inf else "."
+        raise ValueError(f"{name}={value!r} must be a float {bound}{upper}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +47,11 @@ class SamplerOptions:
     min_p: float | None = None
     stop_tokens: tuple[int, ...] = ()  # a row ends after emitting one of these; later tokens are pad
     pad_id: int = 0  # fills the output after a row's end
-    init_scale: float = 1.0  # std multiplier of the random initial state; 0 = zero state
+    init_scale: float = 1.0  # std multiplier of the random initial state (drawn per token); 0 = zero state
     exit: ExitCriterion | None = None  # per-token adaptive exit (see rdlm.sampling.exits)
-    min_steps: int = 0  # iterations every token runs before it may exit
+    min_steps: int = 0  # iterations a token runs before it may exit (reference: first check after min_steps + 1)
     kv_share: int | None = None  # core KV slots per token (None: one per iteration)
-    continuous: bool = False  # start each token's state from the previous token's final state
+    continuous: bool = False  # start each token's state from the previous token's final raw state s_r
 
     def __post_init__(self):
         _check_int("num_steps", self.num_steps, 1)
@@ -71,7 +72,9 @@ class SamplerOptions:
         if self.kv_share is not None:
             _check_int("kv_share", self.kv_share, 1)
             if self.kv_share > self.num_steps:
-                raise ValueError(f"kv_share={self.kv_share} exceeds num_steps={self.num_steps}; use None for a full cache.")
+                raise ValueError(
+                    f"kv_share={self.kv_share} exceeds num_steps={self.num_steps}; use None for a full cache."
+                )
 
     @classmethod
     def build(cls, *, stop_tokens=(), exit_criterion=None, exit_threshold=None, **fields) -> "SamplerOptions":
@@ -81,7 +84,8 @@ class SamplerOptions:
         stop_tokens = tuple(stop_tokens)
         for t in stop_tokens:
             _check_int("stop token", t, 0)
-        return cls(stop_tokens=tuple(sorted({int(t) for t in stop_tokens})), exit=make_criterion(exit_criterion, exit_threshold), **fields)
+        stops = tuple(sorted({int(t) for t in stop_tokens}))
+        return cls(stop_tokens=stops, exit=make_criterion(exit_criterion, exit_threshold), **fields)
 
     def static(self) -> "SamplerOptions":
         """These options without the knob values: the key compiled code is specialised on."""

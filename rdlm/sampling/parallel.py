@@ -61,11 +61,12 @@ class ParallelSampler:
         if options.exit is not None or options.kv_share is not None:
             raise ValueError("The parallel sampler freezes on latent change and keeps one KV slot; "
                              "drop exit_criterion and kv_share.")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or not 1 <= inner_steps <= options.num_steps:
-            raise ValueError(f"inner_steps={inner_steps!r} must be an int in [1, num_steps={options.num_steps}].")
+        R = options.num_steps
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or not 1 <= inner_steps <= R:
+            raise ValueError(f"inner_steps={inner_steps!r} must be an int in [1, num_steps={R}].")
         if not isinstance(exit_threshold, (int, float)) or exit_threshold < 0:
             raise ValueError(f"exit_threshold={exit_threshold!r} must be a non-negative float.")
-        window = math.ceil(options.num_steps / inner_steps) + 1 if window is None else window
+        window = math.ceil(R / inner_steps) + 1 if window is None else window
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window={window!r} must be an int >= 1.")
         self.config, self.options, self.static = config, options, options.static()
@@ -79,8 +80,8 @@ class ParallelSampler:
 
     def prefill(self, params, knobs, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> _Wave:
         """The shared prefill (every prompt token but the last, one KV slot), then a window holding the last."""
-        st = prefill_for(self.static, knobs, self.config, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
-                         extra_length=self.window, kv_share=1)
+        st = prefill_for(self.static, knobs, self.config, params, prompt_BP, lengths_B, rng,
+                         max_new_tokens=max_new_tokens, extra_length=self.window, kv_share=1)
         return self._start(st)
 
     def _start_wave(self, st: SamplingState) -> _Wave:
@@ -109,7 +110,8 @@ class ParallelSampler:
         valid_BW = (w_W[None] < wave.width_B[:, None]) & live_B[:, None]
         segment_BW = valid_BW.astype(jnp.int32)
         mask = cache.past_mask(st.lengths_B, positions_BW, cfg.attention_window)
-        embedded, kv = apply(wave.tokens_BW, positions_BW, segment_BW, cache.prelude, mask, method=RecurrentLM.embed)
+        embedded, kv = apply(wave.tokens_BW, positions_BW, segment_BW, cache.prelude, mask,
+                             method=RecurrentLM.embed)
         cache = cache.write_prelude(kv, positions_BW)
 
         def inner(_, carry):
@@ -127,7 +129,8 @@ class ParallelSampler:
 
         s, prev = state_BWD.astype(jnp.float32), wave.state_BWD.astype(jnp.float32)
         change_BW = jnp.linalg.norm(s - prev, axis=-1) / (jnp.linalg.norm(s, axis=-1) + 1e-12)
-        settled_BW = ((change_BW < self.exit_threshold) & (iters_BW >= knobs.min_steps)) | (iters_BW >= opts.num_steps)
+        converged_BW = (change_BW < self.exit_threshold) & (iters_BW >= knobs.min_steps)
+        settled_BW = converged_BW | (iters_BW >= opts.num_steps)
         fed_final_BW = jnp.concatenate([jnp.ones((B, 1), bool), wave.tokens_BW[:, 1:] == guess_BW[:, :-1]], axis=1)
         freeze_BW = settled_BW & fed_final_BW & valid_BW
         frozen_B = jnp.sum(jnp.cumprod(freeze_BW, axis=1), axis=1).astype(jnp.int32)
@@ -135,7 +138,8 @@ class ParallelSampler:
         frozen_B = jnp.where(live_B, frozen_B, 0)
         st = emit(st.replace(cache=cache, rng=rng), knobs, guess_BW, frozen_B, iters_BW)
         newest_B = jnp.take_along_axis(guess_BW, jnp.maximum(frozen_B - 1, 0)[:, None], axis=1)[:, 0]
-        st = st.replace(lengths_B=st.lengths_B + frozen_B, last_token_B=jnp.where(frozen_B > 0, newest_B, st.last_token_B))
+        st = st.replace(lengths_B=st.lengths_B + frozen_B,
+                        last_token_B=jnp.where(frozen_B > 0, newest_B, st.last_token_B))
 
         # Next pass's window: position j >= 1 is fed its predecessor's guess, the frozen positions
         # leave from the front, and a new position starts at the end if there is room.
@@ -160,7 +164,8 @@ class ParallelSampler:
             passes=wave.passes + 1,
         )
 
-    def __call__(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None, rng=None) -> ParallelOutput:
+    def __call__(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None,
+                 rng=None) -> ParallelOutput:
         knobs = self.options.knobs()
         ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.options.pad_id)
         check_fits(self.config, ids, lengths, max_new_tokens)
@@ -206,8 +211,8 @@ def generate_parallel(
     the in-flight positions. steps_per_token reports each token's iterations.
     """
     options = SamplerOptions.build(
-        num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop_tokens=stop_tokens,
-        pad_id=pad_id, init_scale=init_scale, min_steps=min_steps, continuous=continuous,
+        num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        stop_tokens=stop_tokens, pad_id=pad_id, init_scale=init_scale, min_steps=min_steps, continuous=continuous,
     )
     sampler = _cached(config, options, inner_steps, exit_threshold, window)
     return sampler(params, prompt_ids, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths, rng=rng)

@@ -13,7 +13,8 @@ def batch_prompts(prompt_ids, prompt_lengths=None, *, pad_id: int = 0) -> tuple[
     A [B, P] array (or equal-length lists) is right-padded: row b's prompt is ids[b, :prompt_lengths[b]]
     (all P if None).
     """
-    ragged = isinstance(prompt_ids, (list, tuple)) and (not prompt_ids or not isinstance(prompt_ids[0], numbers.Integral))
+    listed = isinstance(prompt_ids, (list, tuple))
+    ragged = listed and (not prompt_ids or not isinstance(prompt_ids[0], numbers.Integral))
     if ragged and prompt_lengths is None:
         rows = [np.asarray(row).reshape(-1) for row in prompt_ids]
         if not rows:
@@ -37,7 +38,9 @@ def batch_prompts(prompt_ids, prompt_lengths=None, *, pad_id: int = 0) -> tuple[
             if lengths.shape[0] != ids.shape[0]:
                 raise ValueError(f"prompt_lengths has {lengths.shape[0]} entries for {ids.shape[0]} prompts.")
             if lengths.size and (lengths.min() < 0 or lengths.max() > ids.shape[1]):
-                raise ValueError(f"prompt_lengths {lengths.tolist()} must lie in [1, {ids.shape[1]}] (the padded width).")
+                raise ValueError(
+                    f"prompt_lengths {lengths.tolist()} must lie in [1, {ids.shape[1]}] (the padded width)."
+                )
             lengths = lengths.astype(np.int32)
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"prompt_ids must be integer token ids; got dtype {ids.dtype}.")
@@ -56,12 +59,13 @@ def check_fits(config: ModelConfig, ids: np.ndarray, lengths: np.ndarray, max_ne
     longest = int(lengths.max())
     if longest > config.block_size:
         raise ValueError(
-            f"Prompt length {longest} exceeds the positions table (block_size={config.block_size}); shorten the prompt."
+            f"Prompt length {longest} exceeds the positions table (block_size={config.block_size}); "
+            "shorten the prompt."
         )
     if longest + max_new_tokens > config.block_size:
         raise ValueError(
-            f"max_new_tokens={max_new_tokens} after a {longest}-token prompt overflows block_size={config.block_size}; "
-            f"at most {config.block_size - longest} new tokens fit."
+            f"max_new_tokens={max_new_tokens} after a {longest}-token prompt overflows "
+            f"block_size={config.block_size}; at most {config.block_size - longest} new tokens fit."
         )
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= config.vocab_size:

@@ -55,15 +55,17 @@ class SpeculativeSampler:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1.")
         if not isinstance(verification_threshold, (int, float)) or not 0 < verification_threshold:
-            raise ValueError(f"verification_threshold={verification_threshold!r} must be a float > 0 (>= 1: argmax match).")
+            raise ValueError(
+                f"verification_threshold={verification_threshold!r} must be a float > 0 (>= 1: argmax match)."
+            )
         self.config, self.options, self.static = config, options, options.static()
         self.draft_steps, self.lookahead, self.threshold = draft_steps, lookahead, float(verification_threshold)
         self.model = RecurrentLM(config)
         self.decode = jax.jit(self._decode, donate_argnums=2)
 
     def prefill(self, params, knobs, prompt_BP, lengths_B, rng, *, max_new_tokens: int) -> _SpecState:
-        st = prefill_for(self.static, knobs, self.config, params, prompt_BP, lengths_B, rng, max_new_tokens=max_new_tokens,
-                         extra_length=self.lookahead, kv_share=self.static.kv_share)
+        st = prefill_for(self.static, knobs, self.config, params, prompt_BP, lengths_B, rng,
+                         max_new_tokens=max_new_tokens, extra_length=self.lookahead, kv_share=self.static.kv_share)
         return _SpecState(st, jnp.zeros_like(st.lengths_B), jnp.zeros_like(st.lengths_B), jnp.zeros((), jnp.int32))
 
     def _decode(self, params, knobs, sp: _SpecState) -> _SpecState:
@@ -76,14 +78,14 @@ class SpeculativeSampler:
         B = st.lengths_B.shape[0]
         live = ~st.done_B
         rng, k_draft, k_init, k_fix = jax.random.split(st.rng, 4)
-        sample = functools.partial(logits_lib.choose, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                                   min_p=opts.min_p)
+        sample = functools.partial(logits_lib.choose, temperature=opts.temperature, top_k=opts.top_k,
+                                   top_p=opts.top_p, min_p=opts.min_p)
 
         def draft_one(k, carry):
             cache, token_B, drafts_Bd = carry
             init = initial_states(cfg, opts.init_scale, jax.random.fold_in(k_init, k), (B, 1, cfg.n_embd))
-            out = run_block(self.model, params, cache, token_B[:, None], st.lengths_B + k, jnp.ones((B, 1), bool), init,
-                            live, num_steps=self.draft_steps)
+            out = run_block(self.model, params, cache, token_B[:, None], st.lengths_B + k, jnp.ones((B, 1), bool),
+                            init, live, num_steps=self.draft_steps)
             nxt = sample(jax.random.fold_in(k_draft, k), out.logits[:, -1])
             return out.cache, nxt, drafts_Bd.at[:, k].set(nxt)
 
@@ -120,7 +122,8 @@ class SpeculativeSampler:
             rounds=sp.rounds + 1,
         )
 
-    def __call__(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None, rng=None) -> SpeculativeOutput:
+    def __call__(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None,
+                 rng=None) -> SpeculativeOutput:
         knobs = self.options.knobs()
         ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.options.pad_id)
         check_fits(self.config, ids, lengths, max_new_tokens)
@@ -128,8 +131,9 @@ class SpeculativeSampler:
         sp = self.prefill(params, knobs, ids, lengths, rng, max_new_tokens=max_new_tokens)
         sp = self.decode(params, knobs, sp)
         st = sp.base
-        return SpeculativeOutput(tokens=st.tokens_BN, steps_per_token=st.steps_BM, prompt_lengths=st.prompt_lengths_B,
-                                 drafted=sp.drafted_B, accepted=sp.accepted_B, rounds=sp.rounds)
+        return SpeculativeOutput(tokens=st.tokens_BN, steps_per_token=st.steps_BM,
+                                 prompt_lengths=st.prompt_lengths_B, drafted=sp.drafted_B, accepted=sp.accepted_B,
+                                 rounds=sp.rounds)
 
 
 @functools.lru_cache(maxsize=4)
@@ -165,8 +169,8 @@ def generate_speculative(
     the verifier's depth.
     """
     options = SamplerOptions.build(
-        num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop_tokens=stop_tokens,
-        pad_id=pad_id, init_scale=init_scale, kv_share=kv_share,
+        num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        stop_tokens=stop_tokens, pad_id=pad_id, init_scale=init_scale, kv_share=kv_share,
     )
     sampler = _cached(config, options, draft_steps, lookahead, verification_threshold)
     return sampler(params, prompt_ids, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths, rng=rng)
