@@ -6,6 +6,7 @@ Override any field on the command line: `--config.train.num_steps=100 --config.m
 import ml_collections
 from ml_collections import config_dict
 
+from rdlm import sharding
 from rdlm.data import config as data_config
 from rdlm.model.config import PRESETS, ModelConfig
 
@@ -66,26 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # Devices per axis of mesh.axis_names; one -1 takes the rest.
-    c.mesh.axis_names = ("data", "fsdp", "tensor")
+    c.mesh.axis_names = sharding.AXIS_NAMES
     c.mesh.dcn_shape = (1, 1, 1)  # Multi-slice TPU: slices per axis (a hybrid ICI/DCN mesh).
     # Logical axis name -> mesh axes. Parameters: vocab, embed, heads, head_dim, qkv, mlp, gate_up,
     # adapter, norm, layers. Activations: activation_batch/length/embed/mlp.
-    c.mesh.rules = (
-        ("activation_batch", ("data", "fsdp")),
-        ("activation_length", None),
-        ("activation_embed", None),
-        ("activation_mlp", "tensor"),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("heads", "tensor"),
-        ("head_dim", None),
-        ("qkv", None),
-        ("mlp", "tensor"),
-        ("gate_up", None),
-        ("adapter", "tensor"),
-        ("norm", None),
-        ("layers", None),
-    )
+    c.mesh.rules = sharding.DEFAULT_RULES
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # Save every this many steps (and on SIGTERM, and at the end).

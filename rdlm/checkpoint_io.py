@@ -141,6 +141,27 @@ def read_model_config(step_dir) -> ModelConfig:
     return model_config_from_json(restored.model_config)
 
 
+def model_config_of(directory) -> ModelConfig:
+    """The ModelConfig of any checkpoint directory (HF, step or workdir), without loading weights."""
+    kind = kind_of(directory)
+    if kind == "hf":
+        from rdlm.interop import huginn
+
+        return huginn.read_config(directory)
+    return read_model_config(latest_step_dir(directory) if kind == "workdir" else epath.Path(directory))
+
+
+def read_run_config(directory) -> dict | None:
+    """The training config (a dict) saved with a workdir's newest step or a step directory; None for others."""
+    kind = kind_of(directory)
+    if kind == "hf":
+        return None
+    step_dir = latest_step_dir(directory) if kind == "workdir" else epath.Path(directory)
+    if not (step_dir / "config").exists():
+        return None
+    return checkpointer().restore(step_dir, ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
 def load_params(directory, *, shardings=None, as_numpy: bool = False) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) from an HF directory, an Orbax step directory or a training workdir.
 

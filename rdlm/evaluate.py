@@ -15,7 +15,8 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from rdlm import sharding
+from rdlm import sharding, steps
+from rdlm.data import builtin, pipeline
 from rdlm.model import RecurrentLM
 
 SCALING_JSON = "recurrence_scaling.json"
@@ -147,3 +148,47 @@ def plot(result: dict, path) -> None:
     with epath.Path(path).open("wb") as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
+
+
+def eval_batches(config, mesh, rules) -> list:
+    """The fixed validation batches as global arrays (each process contributes its rows)."""
+    sharding.check_batch(config.eval.batch_size, mesh, rules, "eval.batch_size")
+    local = pipeline.make_eval_batches(
+        config, batch_size=config.eval.batch_size // jax.process_count(), process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    return [sharding.global_batch(b, batch_sharding, config.eval.batch_size) for b in local]
+
+
+def validation_loss(eval_step, params, batches, num_steps_list, seed) -> dict:
+    """Validation loss at each r (one compiled program for all of them)."""
+    out = {}
+    for r in num_steps_list:
+        totals = [eval_step(params, b, jnp.int32(r), jax.random.key(seed)) for b in batches]
+        loss = sum(float(t[0]) for t in totals) / max(sum(float(t[1]) for t in totals), 1.0)
+        out[f"val_loss_r{r}"] = loss
+    return out
+
+
+def recurrence_scaling(config, model, params, mesh, rules, batches=None, eval_step=None) -> dict:
+    """Validation loss and (built-in data) held-out reasoning accuracy at each r of eval.final_num_steps.
+
+    `batches` and `eval_step` default to the config's validation batches and a fresh jitted step.
+    """
+    num_steps = [int(r) for r in config.eval.final_num_steps]
+    batches = eval_batches(config, mesh, rules) if batches is None else batches
+    if eval_step is None:
+        eval_step = jax.jit(steps.make_eval_step(model, config.eval.init_scale), out_shardings=sharding.replicated(mesh))
+    losses = validation_loss(eval_step, params, batches, num_steps, config.eval.seed)
+    result = {"num_steps": num_steps, "val_loss": [losses[f"val_loss_r{r}"] for r in num_steps]}
+    if config.eval.reasoning and config.data.source == "builtin" and config.data.builtin.task_fraction > 0:
+        tokenizer = pipeline.load_tokenizer(config)
+        problems = builtin.heldout_problems(config)
+        flat = [(task, p) for task, ps in problems.items() for p in ps]
+        rows = problem_rows(tokenizer, [p for _, p in flat], pipeline.special_ids(config).bos)
+        labels = [f"{task}/{p.difficulty}" for task, p in flat]
+        run = ReasoningEval(model, mesh, rules, batch_size=config.eval.batch_size, init_scale=config.eval.init_scale)
+        correct = {r: run(params, rows, r, jax.random.key(config.eval.seed)) for r in num_steps}
+        result.update(accuracy_table(correct, labels))
+    return result

@@ -13,6 +13,24 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 PARAM_AXES = ("vocab", "embed", "heads", "head_dim", "qkv", "mlp", "gate_up", "adapter", "norm", "layers")
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed", "activation_mlp")
 BATCH_AXIS = "activation_batch"
+AXIS_NAMES = ("data", "fsdp", "tensor")
+# Logical axis -> mesh axes: FSDP over `fsdp` (and batch over data x fsdp), tensor parallelism over `tensor`.
+DEFAULT_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("qkv", None),
+    ("mlp", "tensor"),
+    ("gate_up", None),
+    ("adapter", "tensor"),
+    ("norm", None),
+    ("layers", None),
+)
 
 
 def resolve_shape(shape: Sequence[int], num_devices: int, field: str = "mesh.shape") -> tuple[int, ...]:

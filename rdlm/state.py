@@ -28,10 +28,14 @@ def strip_boxes(tree):
     )
 
 
+def _init_params_boxed(model: RecurrentLM, rng, seq_len: int = 8):
+    ids = jnp.zeros((1, min(seq_len, model.config.block_size)), jnp.int32)
+    return model.init({"params": rng}, ids, num_steps=1, init_scale=0.0)["params"]
+
+
 def _init_boxed(model: RecurrentLM, tx: optax.GradientTransformation, rng, seq_len: int) -> TrainState:
     """Params and optimizer state with LogicallyPartitioned leaves (they carry the axis names)."""
-    ids = jnp.zeros((1, min(seq_len, model.config.block_size)), jnp.int32)
-    params = model.init({"params": rng}, ids, num_steps=1, init_scale=0.0)["params"]
+    params = _init_params_boxed(model, rng, seq_len)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -42,6 +46,14 @@ def abstract_state(model, tx, mesh, rules, seq_len: int) -> tuple[TrainState, Tr
     abstract = strip_boxes(boxed)
     sharding.check_divisible(abstract, shardings)
     return abstract, shardings
+
+
+def param_shardings(model: RecurrentLM, mesh, rules):
+    """NamedShardings of the model's parameters on a mesh (e.g. to load a checkpoint onto it)."""
+    boxed = jax.eval_shape(lambda rng: _init_params_boxed(model, rng), jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    sharding.check_divisible(strip_boxes(boxed), shardings)
+    return shardings
 
 
 def init_state(model, tx, rng, mesh, rules, seq_len: int) -> TrainState:

@@ -23,7 +23,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from rdlm import checkpoint, checkpoint_io, cli, evaluate, metrics, optim, perf, sharding, state as state_lib, steps
-from rdlm.data import builtin, pipeline
+from rdlm.data import pipeline
 from rdlm.data import tokenizer as tokenizer_lib
 from rdlm.model import ModelConfig, RecurrentLM
 
@@ -181,8 +181,8 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
             last_time = _log(writer, progress, pending, config, model_config, peak, last_time, tokens_per_step)
         pending = (step, step_metrics) if step % config.log.every_steps == 0 or step == config.train.num_steps else None
         if config.eval.every_steps and step % config.eval.every_steps == 0:
-            eval_batches = eval_batches or _eval_batches(config, mesh, rules)
-            writer.write(step, _validation(eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed))
+            eval_batches = eval_batches or evaluate.eval_batches(config, mesh, rules)
+            writer.write(step, evaluate.validation_loss(eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed))
         out_of_time = budget_s and time.perf_counter() - started > budget_s
         if step % config.checkpoint.every_steps == 0 or out_of_time:
             save(state)
@@ -205,8 +205,8 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
 
     result = {}
     if config.eval.final_num_steps:
-        eval_batches = eval_batches or _eval_batches(config, mesh, rules)
-        result = recurrence_scaling(config, model, state.params, mesh, rules, eval_batches, eval_step)
+        eval_batches = eval_batches or evaluate.eval_batches(config, mesh, rules)
+        result = evaluate.recurrence_scaling(config, model, state.params, mesh, rules, eval_batches, eval_step)
         evaluate.write_results(workdir, result)
         if primary:
             print(evaluate.format_table(result), flush=True)
@@ -252,43 +252,6 @@ def _log(writer, progress, pending, config, model_config, peak, last_time, token
     if progress:
         progress.update(step, loss=values["loss"])
     return now
-
-
-def _eval_batches(config, mesh, rules) -> list:
-    sharding.check_batch(config.eval.batch_size, mesh, rules, "eval.batch_size")
-    local = pipeline.make_eval_batches(
-        config, batch_size=config.eval.batch_size // jax.process_count(), process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    return [sharding.global_batch(b, batch_sharding, config.eval.batch_size) for b in local]
-
-
-def _validation(eval_step, params, batches, num_steps_list, seed) -> dict:
-    """Validation loss at each r (one compiled program for all of them)."""
-    out = {}
-    for r in num_steps_list:
-        totals = [eval_step(params, b, jnp.int32(r), jax.random.key(seed)) for b in batches]
-        loss = sum(float(t[0]) for t in totals) / max(sum(float(t[1]) for t in totals), 1.0)
-        out[f"val_loss_r{r}"] = loss
-    return out
-
-
-def recurrence_scaling(config, model, params, mesh, rules, eval_batches, eval_step) -> dict:
-    """Validation loss and (built-in data) held-out reasoning accuracy at each r of eval.final_num_steps."""
-    num_steps = [int(r) for r in config.eval.final_num_steps]
-    losses = _validation(eval_step, params, eval_batches, num_steps, config.eval.seed)
-    result = {"num_steps": num_steps, "val_loss": [losses[f"val_loss_r{r}"] for r in num_steps]}
-    if config.eval.reasoning and config.data.source == "builtin" and config.data.builtin.task_fraction > 0:
-        tokenizer = pipeline.load_tokenizer(config)
-        problems = builtin.heldout_problems(config)
-        flat = [(task, p) for task, ps in problems.items() for p in ps]
-        rows = evaluate.problem_rows(tokenizer, [p for _, p in flat], pipeline.special_ids(config).bos)
-        labels = [f"{task}/{p.difficulty}" for task, p in flat]
-        run = evaluate.ReasoningEval(model, mesh, rules, batch_size=config.eval.batch_size, init_scale=config.eval.init_scale)
-        correct = {r: run(params, rows, r, jax.random.key(config.eval.seed)) for r in num_steps}
-        result.update(evaluate.accuracy_table(correct, labels))
-    return result
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/tiny.py.", lock_config=True)

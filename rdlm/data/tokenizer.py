@@ -68,8 +68,12 @@ class Tokenizer:
         return self.processor.encode(list(texts))
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Returns the text of `ids`; special ids (BOS, EOS, pad) decode to nothing."""
-        return self.processor.decode([int(i) for i in ids])
+        """Returns the text of `ids`; special ids (BOS, EOS, pad) decode to nothing.
+
+        Ids beyond this vocabulary (a model's padded vocab can emit them) decode as the unknown piece.
+        """
+        size = self.vocab_size
+        return self.processor.decode([int(i) if 0 <= int(i) < size else UNK_ID for i in ids])
 
     @property
     def vocab_size(self) -> int:
