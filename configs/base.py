@@ -88,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.final_num_steps = (1, 2, 4, 8, 16, 32, 64)  # r of the final recurrence-scaling table.
     c.eval.batch_size = 32  # Global sequences per validation batch.
     c.eval.reasoning = True  # Final table: held-out reasoning accuracy per r (built-in data only).
+    c.eval.difficulty_buckets = ""  # Table columns, e.g. '1-4,5-8,9-16'; '' = powers of two.
     c.eval.init_scale = 1.0  # Initial-state scale at evaluation (the reference's default draw).
     c.eval.seed = 1234  # Seeds the initial states drawn at evaluation.
     return c

@@ -21,7 +21,7 @@ class Checkpoints:
     def __init__(self, workdir, *, keep: int, async_save: bool = True):
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be at least 1.")
-        self.directory = epath.Path(workdir) / checkpoint_io.CHECKPOINTS_SUBDIR
+        self.directory = checkpoint_io.as_path(workdir) / checkpoint_io.CHECKPOINTS_SUBDIR
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=checkpoint_io.registry())
 

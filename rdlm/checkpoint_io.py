@@ -96,7 +96,7 @@ def checkpointer() -> ocp.Checkpointer:
 
 def save_params(directory, config: ModelConfig, params) -> None:
     """Writes a params-only step directory (what `to-orbax` produces and `init_from` reads)."""
-    directory = epath.Path(directory)
+    directory = as_path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} already exists; choose a new output directory.")
     checkpointer().save(
@@ -108,9 +108,15 @@ def save_params(directory, config: ModelConfig, params) -> None:
     )
 
 
+def as_path(directory) -> epath.Path:
+    """An epath; local paths made absolute (Orbax refuses relative ones)."""
+    path = epath.Path(directory)
+    return path if "://" in str(directory) else path.resolve()
+
+
 def kind_of(directory) -> str:
     """'hf', 'step' or 'workdir' for a directory holding a checkpoint; a clear error otherwise."""
-    directory = epath.Path(directory)
+    directory = as_path(directory)
     if not directory.exists():
         raise FileNotFoundError(f"Checkpoint path {directory} does not exist.")
     if (directory / "config.json").exists():
@@ -127,7 +133,7 @@ def kind_of(directory) -> str:
 
 def latest_step_dir(workdir) -> epath.Path:
     """The newest complete step directory of a training workdir."""
-    root = epath.Path(workdir) / CHECKPOINTS_SUBDIR
+    root = as_path(workdir) / CHECKPOINTS_SUBDIR
     steps = ocp.utils.checkpoint_steps(root) if root.exists() else []
     if not steps:
         raise FileNotFoundError(f"{root} holds no complete checkpoint.")
@@ -136,7 +142,7 @@ def latest_step_dir(workdir) -> epath.Path:
 
 def read_model_config(step_dir) -> ModelConfig:
     restored = checkpointer().restore(
-        epath.Path(step_dir), ocp.args.Composite(model_config=ocp.args.JsonRestore())
+        as_path(step_dir), ocp.args.Composite(model_config=ocp.args.JsonRestore())
     )
     return model_config_from_json(restored.model_config)
 
@@ -148,7 +154,7 @@ def model_config_of(directory) -> ModelConfig:
         from rdlm.interop import huginn
 
         return huginn.read_config(directory)
-    return read_model_config(latest_step_dir(directory) if kind == "workdir" else epath.Path(directory))
+    return read_model_config(latest_step_dir(directory) if kind == "workdir" else as_path(directory))
 
 
 def read_run_config(directory) -> dict | None:
@@ -156,7 +162,7 @@ def read_run_config(directory) -> dict | None:
     kind = kind_of(directory)
     if kind == "hf":
         return None
-    step_dir = latest_step_dir(directory) if kind == "workdir" else epath.Path(directory)
+    step_dir = latest_step_dir(directory) if kind == "workdir" else as_path(directory)
     if not (step_dir / "config").exists():
         return None
     return checkpointer().restore(step_dir, ocp.args.Composite(config=ocp.args.JsonRestore())).config
@@ -176,7 +182,7 @@ def load_params(directory, *, shardings=None, as_numpy: bool = False) -> tuple[M
         if shardings is not None:
             params = jax.device_put(params, shardings)
         return config, params
-    step_dir = latest_step_dir(directory) if kind == "workdir" else epath.Path(directory)
+    step_dir = latest_step_dir(directory) if kind == "workdir" else as_path(directory)
     config = read_model_config(step_dir)
     ckpt = checkpointer()
     metadata = ckpt.metadata(step_dir).item_metadata["params"].tree

@@ -86,33 +86,74 @@ class ReasoningEval:
         return np.concatenate(results)
 
 
-def accuracy_table(correct_by_r: dict[int, np.ndarray], labels: list[str]) -> dict:
-    """Overall and per-label (e.g. 'parity/d9-16') accuracy for each r."""
+def parse_buckets(text: str) -> list[tuple[int, int]]:
+    """'1-4,5-8,9' -> [(1, 4), (5, 8), (9, 9)]; '' gives power-of-two buckets (1, 2, 3-4, 5-8, ...)."""
+    if not text:
+        return [(1, 1), (2, 2)] + [(2**i + 1, 2 ** (i + 1)) for i in range(1, 12)]
+    buckets = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            buckets.append((int(lo), int(hi or lo)))
+        except ValueError:
+            raise ValueError(f"eval.difficulty_buckets={text!r} must look like '1-4,5-8,9-16'.") from None
+    return buckets
+
+
+def bucket_of(difficulty: int, buckets: list[tuple[int, int]]) -> str:
+    for lo, hi in buckets:
+        if lo <= difficulty <= hi:
+            return f"{lo}-{hi}" if hi > lo else str(lo)
+    return str(difficulty)
+
+
+def accuracy_table(correct_by_r: dict[int, np.ndarray], labels: list[str], trained: list[bool] | None = None) -> dict:
+    """Overall and per-label (e.g. 'parity/9-16') accuracy for each r.
+
+    With `trained` (per problem: is its difficulty one training saw), also the accuracy within and
+    beyond the training difficulties.
+    """
+    rs = sorted(correct_by_r)
     groups = collections.defaultdict(list)
     for i, label in enumerate(labels):
         groups[label].append(i)
-    by_group = {
-        label: [float(np.mean(correct_by_r[r][idx])) for r in sorted(correct_by_r)] for label, idx in groups.items()
+    result = {
+        "accuracy": [float(np.mean(correct_by_r[r])) for r in rs],
+        "accuracy_by_difficulty": {label: [float(np.mean(correct_by_r[r][idx])) for r in rs] for label, idx in groups.items()},
     }
-    overall = [float(np.mean(correct_by_r[r])) for r in sorted(correct_by_r)]
-    return {"accuracy": overall, "accuracy_by_difficulty": by_group}
+    if trained is not None:
+        inside = np.asarray(trained, bool)
+        for key, mask in (("accuracy_in_distribution", inside), ("accuracy_beyond_training", ~inside)):
+            if mask.any():
+                result[key] = [float(np.mean(correct_by_r[r][mask])) for r in rs]
+    return result
+
+
+_COLUMNS = (
+    ("accuracy", "accuracy"),
+    ("accuracy_in_distribution", "in-dist"),
+    ("accuracy_beyond_training", "beyond"),
+    ("val_loss", "val_loss"),
+)
 
 
 def format_table(result: dict) -> str:
-    """The recurrence-scaling table as fixed-width text."""
+    """The recurrence-scaling table as fixed-width text; '*' marks difficulties beyond training."""
+    columns = [(key, name) for key, name in _COLUMNS if result.get(key)]
     groups = list(result.get("accuracy_by_difficulty", {}))
-    head = ["r", "accuracy", "val_loss"] + groups
-    lines = ["  ".join(f"{h:>10}" for h in head)]
+    head = ["r"] + [name for _, name in columns] + groups
+    width = max(10, *(len(h) for h in head))
+    lines = ["  ".join(f"{h:>{width}}" for h in head)]
     for i, r in enumerate(result["num_steps"]):
-        acc = result["accuracy"][i] if result.get("accuracy") else None
-        loss = result["val_loss"][i] if result.get("val_loss") else None
-        cells = [f"{r:>10d}", _cell(acc), _cell(loss)] + [_cell(result["accuracy_by_difficulty"][g][i]) for g in groups]
+        cells = [f"{r:>{width}d}"] + [_cell(result[key][i], width) for key, _ in columns]
+        cells += [_cell(result["accuracy_by_difficulty"][g][i], width) for g in groups]
         lines.append("  ".join(cells))
     return "\n".join(lines)
 
 
-def _cell(value) -> str:
-    return f"{'-':>10}" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:>10.4f}"
+def _cell(value, width: int = 10) -> str:
+    missing = value is None or (isinstance(value, float) and math.isnan(value))
+    return f"{'-':>{width}}" if missing else f"{value:>{width}.4f}"
 
 
 def write_results(workdir, result: dict) -> None:
@@ -187,8 +228,14 @@ def recurrence_scaling(config, model, params, mesh, rules, batches=None, eval_st
         problems = builtin.heldout_problems(config)
         flat = [(task, p) for task, ps in problems.items() for p in ps]
         rows = problem_rows(tokenizer, [p for _, p in flat], pipeline.special_ids(config).bos)
-        labels = [f"{task}/{p.difficulty}" for task, p in flat]
+        buckets = parse_buckets(config.eval.difficulty_buckets)
+        trained_difficulties = {int(d) for d in config.data.builtin.difficulties}
+        trained = [p.difficulty in trained_difficulties for _, p in flat]
+        labels = [f"{task}/{bucket_of(p.difficulty, buckets)}{'' if ok else '*'}" for (task, p), ok in zip(flat, trained)]
+        order = sorted(set(labels), key=lambda label: (label.split("/")[0], int(label.split("/")[1].split("-")[0].rstrip("*"))))
         run = ReasoningEval(model, mesh, rules, batch_size=config.eval.batch_size, init_scale=config.eval.init_scale)
         correct = {r: run(params, rows, r, jax.random.key(config.eval.seed)) for r in num_steps}
-        result.update(accuracy_table(correct, labels))
+        table = accuracy_table(correct, labels, trained)
+        table["accuracy_by_difficulty"] = {label: table["accuracy_by_difficulty"][label] for label in order}
+        result.update(table, difficulties_trained=sorted(trained_difficulties))
     return result

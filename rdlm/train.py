@@ -112,8 +112,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     """Trains (or resumes) a run in `workdir` on `devices` (default: all); returns the final results."""
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.check_rules(config.mesh.rules, mesh)
+    workdir = epath.Path(workdir)
+    if "://" not in str(workdir):
+        workdir = workdir.resolve()  # Orbax wants absolute paths
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return _train_and_evaluate(config, epath.Path(workdir), mesh, rules)
+        return _train_and_evaluate(config, workdir, mesh, rules)
 
 
 def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:

@@ -40,6 +40,7 @@ class BuiltinSpec:
     seed: int
     tasks: tuple[str, ...]
     difficulties: tuple[int, ...]
+    heldout_difficulties: tuple[int, ...]
     task_fraction: float
     mask_prompt: bool
     heldout_code_percent: float
@@ -61,6 +62,7 @@ class BuiltinSpec:
             vocab_size=int(b.vocab_size), seed=int(b.seed),
             tasks=tuple(t.strip() for t in tasks if t.strip()),
             difficulties=tuple(int(d) for d in b.difficulties),
+            heldout_difficulties=tuple(int(d) for d in (b.get("heldout_difficulties") or b.difficulties)),
             task_fraction=float(b.task_fraction), mask_prompt=bool(b.mask_prompt),
             heldout_code_percent=float(b.heldout_code_percent),
             heldout_problems=int(b.heldout_problems),
@@ -133,15 +135,16 @@ def _task_names(spec: BuiltinSpec) -> tuple[str, ...]:
     return spec.tasks or known
 
 
-def _generate(task: str, num: int, seed: int, spec: BuiltinSpec) -> list:
-    """Generates `num` problems of one task."""
-    return list(_tasks_module().generate(task, num, seed=seed, difficulties=spec.difficulties))
+def _generate(task: str, num: int, seed: int, spec: BuiltinSpec, heldout: bool = False) -> list:
+    """Generates `num` problems of one task, at the training or the held-out difficulties."""
+    difficulties = spec.heldout_difficulties if heldout else spec.difficulties
+    return list(_tasks_module().generate(task, num, seed=seed, difficulties=difficulties))
 
 
 def _heldout(spec: BuiltinSpec) -> dict[str, list]:
     """Generates the held-out problems of each task, from a seed training never uses."""
     seed = spec.seed + _HELDOUT_SEED_OFFSET
-    return {t: _generate(t, spec.heldout_problems, seed, spec) for t in _task_names(spec)}
+    return {t: _generate(t, spec.heldout_problems, seed, spec, heldout=True) for t in _task_names(spec)}
 
 
 def heldout_problems(data_config) -> dict[str, list]:

@@ -28,7 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.builtin.vocab_size = 4096  # Tokenizer vocabulary (at most the model's vocab_size).
     data.builtin.seed = 0  # Seed of the generated problems (training; held-out ones differ).
     data.builtin.tasks = ""  # Comma-separated task names from rdlm.data.tasks; '' = all.
-    data.builtin.difficulties = tuple(range(1, 9))  # Problem difficulties to generate.
+    data.builtin.difficulties = tuple(range(1, 9))  # Problem difficulties to train on.
+    # Held-out problem difficulties (evaluation); () = the training ones. Larger ones test extrapolation.
+    data.builtin.heldout_difficulties = ()
     data.builtin.task_fraction = 0.2  # Share of training tokens that are problems; 0 = code only.
     data.builtin.mask_prompt = True  # Keep problem prompts out of the loss (answers only).
     data.builtin.heldout_code_percent = 5.0  # Percent of stdlib files held out for validation.
