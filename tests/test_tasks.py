@@ -1,5 +1,7 @@
 """The reasoning-problem generator: determinism, correct answers, difficulty and input checks."""
 
+import re
+
 import pytest
 
 from rdlm.data import tasks
@@ -58,8 +60,13 @@ def test_difficulty_is_drawn_from_the_given_set_uniformly():
     assert all(800 < ds.count(g) < 1200 for g in (3, 5, 9))
 
 
-def test_long_carry_chains_occur():
+def test_carry_problems_have_long_chains_of_nines():
     ps = tasks.generate("carry", 500, seed=0, difficulties=[10])
+    sums = [[int(pair[0]) + int(pair[1]) for pair in p.prompt[:-1].split(" ")] for p in ps]
+    nines = sum(s.count(9) for s in sums) / (10 * len(ps))
+    assert 0.5 < nines < 0.6  # half forced to 9, plus 1 in 10 of the rest
+    longest = [max(len(run) for run in "".join("9" if x == 9 else "." for x in s).split(".")) for s in sums]
+    assert sum(n >= 5 for n in longest) > 50
     assert {p.answer for p in ps} == {"0", "1"}
 
 
@@ -87,5 +94,5 @@ def test_check_answer():
 )
 def test_bad_input_raises_naming_the_value(kwargs, bad):
     task = kwargs.pop("task")
-    with pytest.raises(ValueError, match=bad.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(bad)):
         tasks.generate(task, **kwargs)
