@@ -1,15 +1,18 @@
-"""Benchmarks: training step, generation and a sweep over depth, each printing what it measured.
+"""Benchmarks of training and generation, each printing what it measured.
 
     python -m rdlm.bench train --config=configs/bench_cpu.py [--config.x=y] [--num_steps=N,K] [--steps=S]
+        [--trace_dir=DIR]
     python -m rdlm.bench generate --config=configs/bench_cpu.py [--exit=kl:5e-4]
-    python -m rdlm.bench sweep --config=configs/bench_cpu.py [--out=sweep.png]
+    python -m rdlm.bench sweep --config=configs/bench_cpu.py [--sweep_n=0,24,120] [--out=sweep.png]
 
 `train` prints one JSON line: compile time, median step time, tokens/s, model FLOPs per token
 (rdlm.metrics.model_flops_per_token), achieved TFLOP/s, the peak of a large float32 matmul measured
-in the same process, MFU and the compiled step's memory. The step runs a fixed depth: n iterations
-without gradient (a traced int, so one program serves every n) and k with gradient (static).
-"""
+in the same process, MFU and the compiled step's memory. The step is the training update at a fixed
+depth: n iterations without gradient (a traced int, so one program serves every n) and k with
+gradient (static). `generate` times a second call of rdlm.sampling.generate (batch 1, greedy) after a
+warm-up call. `sweep` compiles and times the step at each n (k fixed) and prints a table and JSON."""
 
+import contextlib
 import json
 import math
 import statistics
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from rdlm import cli, metrics, optim, perf, sharding, state as state_lib, steps
@@ -29,8 +32,18 @@ from rdlm.model import ModelConfig, RecurrentLM
 
 SUBCOMMANDS = ("train", "generate", "sweep")
 TRAIN_KEYS = (
-    "num_steps", "batch_size", "seq_len", "compile_s", "step_s_median", "tokens_per_s", "model_flops_per_token",
-    "achieved_tflops", "peak_tflops", "mfu", "temp_bytes", "argument_bytes",
+    "num_steps",
+    "batch_size",
+    "seq_len",
+    "compile_s",
+    "step_s_median",
+    "tokens_per_s",
+    "model_flops_per_token",
+    "achieved_tflops",
+    "peak_tflops",
+    "mfu",
+    "temp_bytes",
+    "argument_bytes",
 )
 
 
@@ -95,18 +108,25 @@ class TrainBench:
         self.mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
         self.rules = sharding.check_rules(config.mesh.rules, self.mesh)
         rng = jax.random.key(config.bench.seed)
+        seq_len = config.data.seq_len
         with self.context():
-            self.state = state_lib.init_state(self.model, self.tx, rng, self.mesh, self.rules, config.data.seq_len)
+            _, shardings = state_lib.abstract_state(self.model, self.tx, self.mesh, self.rules, seq_len)
+            self.state = state_lib.init_state(self.model, self.tx, rng, self.mesh, self.rules, seq_len)
         self.batch = synthetic_batch(config, jax.random.fold_in(rng, 1))
-        self.step = jax.jit(make_fixed_depth_step(self.model, self.tx, k, jax.random.fold_in(rng, 2)), donate_argnums=0)
+        # The state keeps its shardings from step to step (else the second call would compile again).
+        replicated = sharding.replicated(self.mesh)
+        self.step = jax.jit(
+            make_fixed_depth_step(self.model, self.tx, k, jax.random.fold_in(rng, 2)),
+            in_shardings=(shardings, replicated, replicated),
+            out_shardings=(shardings, replicated),
+            donate_argnums=0,
+        )
 
+    @contextlib.contextmanager
     def context(self):
-        import contextlib
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(self.rules))
-        return stack
+        """The mesh and logical-axis rules, as the training loop runs under them."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
 
     def compile(self, n: int):
         """(compiled step, seconds to lower and compile it)."""
@@ -134,21 +154,38 @@ def memory(compiled) -> dict:
     return {"temp_bytes": int(analysis.temp_size_in_bytes), "argument_bytes": int(analysis.argument_size_in_bytes)}
 
 
-def bench_train(config, num_steps: tuple[int, int], steps_: int, peak_tflops: float | None = None) -> dict:
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def bench_train(
+    config, num_steps: tuple[int, int], steps_: int, peak_tflops: float | None = None, trace_dir: str = ""
+) -> dict:
+    """The train step at (n, k); with `trace_dir`, one more step is traced there (jax.profiler, Perfetto)."""
     n, k = num_steps
     bench = TrainBench(config, k)
     compiled, compile_s = bench.compile(n)
     times = bench.time_steps(compiled, n, steps_, config.bench.warmup_steps)
+    if trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            bench.time_steps(compiled, n, 1, 0)
     peak = perf.measure_peak_tflops() if peak_tflops is None else peak_tflops
     step_s = statistics.median(times)
     tokens = config.train.batch_size * config.data.seq_len
     flops = metrics.model_flops_per_token(bench.model_config, config.data.seq_len, n, k)
     achieved = flops * tokens / step_s / 1e12
     return {
-        "num_steps": [n, k], "batch_size": config.train.batch_size, "seq_len": config.data.seq_len,
-        "compile_s": round(compile_s, 3), "step_s_median": round(step_s, 4), "step_s_min": round(min(times), 4),
-        "tokens_per_s": round(tokens / step_s, 1), "model_flops_per_token": flops,
-        "achieved_tflops": round(achieved, 4), "peak_tflops": round(peak, 4), "mfu": round(achieved / peak, 4),
+        "num_steps": [n, k],
+        "batch_size": config.train.batch_size,
+        "seq_len": config.data.seq_len,
+        "compile_s": _sig(compile_s),
+        "step_s_median": _sig(step_s),
+        "step_s_min": _sig(min(times)),
+        "tokens_per_s": _sig(tokens / step_s),
+        "model_flops_per_token": flops,
+        "achieved_tflops": _sig(achieved),
+        "peak_tflops": _sig(peak),
+        "mfu": _sig(achieved / peak),
         **memory(compiled),
     }
 
@@ -166,7 +203,10 @@ def bench_generate(config, exit_spec: str = "") -> dict:
     prompt = np.asarray(jax.random.randint(jax.random.fold_in(rng, 1), (1, b.prompt_len), 0, model_config.vocab_size))
     criterion = sampling.parse_exit(exit_spec) if exit_spec else None
     kwargs = dict(
-        max_new_tokens=b.new_tokens, num_steps=b.gen_num_steps, temperature=0.0, rng=jax.random.fold_in(rng, 2),
+        max_new_tokens=b.new_tokens,
+        num_steps=b.gen_num_steps,
+        temperature=0.0,
+        rng=jax.random.fold_in(rng, 2),
         exit_criterion=None if criterion is None else criterion.name,
         exit_threshold=None if criterion is None else criterion.threshold,
     )
@@ -178,32 +218,45 @@ def bench_generate(config, exit_spec: str = "") -> dict:
         times.append(time.perf_counter() - start)
     steps_per_token = np.asarray(out.steps_per_token)[0]
     result = {
-        "prompt_len": b.prompt_len, "new_tokens": b.new_tokens, "num_steps": b.gen_num_steps,
-        "first_call_s": round(times[0], 3), "seconds": round(times[1], 4),
-        "new_tokens_per_s": round(b.new_tokens / times[1], 2),
+        "prompt_len": b.prompt_len,
+        "new_tokens": b.new_tokens,
+        "num_steps": b.gen_num_steps,
+        "compile_s": _sig(max(times[0] - times[1], 1e-6)),
+        "seconds": _sig(times[1]),
+        "new_tokens_per_s": _sig(b.new_tokens / times[1]),
     }
     if criterion is not None:
-        result.update(exit=f"{criterion.name}:{criterion.threshold}", mean_steps_per_token=float(steps_per_token.mean()))
+        result.update(exit=f"{criterion.name}:{criterion.threshold}", mean_steps_per_token=_sig(steps_per_token.mean()))
     return result
 
 
-def bench_sweep(config, k: int, ns, steps_: int) -> list[dict]:
+def bench_sweep(config, k: int, ns, steps_: int, train: TrainBench | None = None) -> list[dict]:
     """Compile time, memory and step time at each n (k fixed); every n is compiled afresh to time it."""
-    bench = TrainBench(config, k)
+    train = TrainBench(config, k) if train is None else train
     rows = []
     for n in ns:
-        compiled, compile_s = bench.compile(n)
-        times = bench.time_steps(compiled, n, steps_, 1)
-        rows.append({"n": n, "k": k, "r": n + k, "compile_s": round(compile_s, 3),
-                     "step_s_median": round(statistics.median(times), 4), **memory(compiled)})
+        compiled, compile_s = train.compile(n)
+        times = train.time_steps(compiled, n, steps_, 1)
+        rows.append(
+            {
+                "n": n,
+                "k": k,
+                "r": n + k,
+                "compile_s": _sig(compile_s),
+                "step_s_median": _sig(statistics.median(times)),
+                **memory(compiled),
+            }
+        )
     return rows
 
 
 def format_sweep(rows) -> str:
     lines = [f"{'r':>5} {'n':>5} {'k':>3} {'compile s':>10} {'step s':>9} {'temp MB':>9} {'args MB':>9}"]
     for r in rows:
-        lines.append(f"{r['r']:>5} {r['n']:>5} {r['k']:>3} {r['compile_s']:>10.3f} {r['step_s_median']:>9.4f} "
-                     f"{r['temp_bytes'] / 2**20:>9.2f} {r['argument_bytes'] / 2**20:>9.2f}")
+        lines.append(
+            f"{r['r']:>5} {r['n']:>5} {r['k']:>3} {r['compile_s']:>10.3f} {r['step_s_median']:>9.4f} "
+            f"{r['temp_bytes'] / 2**20:>9.2f} {r['argument_bytes'] / 2**20:>9.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -229,13 +282,24 @@ def plot_sweep(rows, path: str) -> None:
     plt.close(fig)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Bench config, e.g. configs/bench_cpu.py.",
-                                          lock_config=True)
-_NUM_STEPS = flags.DEFINE_string("num_steps", "", "train/sweep: 'N,K' (default: the config's bench.num_steps).")
-_STEPS = flags.DEFINE_integer("steps", 0, "Timed steps (default: the config's bench.steps).")
-_EXIT = flags.DEFINE_string("exit", "", "generate: adaptive exit 'criterion[:threshold]', e.g. kl:5e-4.")
-_OUT = flags.DEFINE_string("out", "", "sweep: write the plot to this PNG.")
-_SWEEP_N = flags.DEFINE_string("sweep_n", "", "sweep: comma-separated n (default: the config's bench.sweep_n).")
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/bench_cpu.py", "Bench config, e.g. configs/bench_cpu.py.", lock_config=True, flag_values=FLAGS
+)
+_NUM_STEPS = flags.DEFINE_string(
+    "num_steps", "", "train/sweep: 'N,K' (default: the config's bench.num_steps).", flag_values=FLAGS
+)
+_STEPS = flags.DEFINE_integer("steps", 0, "Timed steps (default: the config's bench.steps).", flag_values=FLAGS)
+_EXIT = flags.DEFINE_string(
+    "exit", "", "generate: adaptive exit 'criterion[:threshold]', e.g. kl:5e-4.", flag_values=FLAGS
+)
+_OUT = flags.DEFINE_string("out", "", "sweep: write the plot to this PNG.", flag_values=FLAGS)
+_SWEEP_N = flags.DEFINE_string(
+    "sweep_n", "", "sweep: comma-separated n (default: the config's bench.sweep_n).", flag_values=FLAGS
+)
+_TRACE_DIR = flags.DEFINE_string(
+    "trace_dir", "", "train: trace one extra step into this directory (jax.profiler).", flag_values=FLAGS
+)
 
 
 def run(command: str, config) -> None:
@@ -243,11 +307,11 @@ def run(command: str, config) -> None:
     if command not in SUBCOMMANDS:
         raise ValueError(f"Unknown subcommand {command!r}; use one of {', '.join(SUBCOMMANDS)}.")
     num_steps = parse_num_steps(_NUM_STEPS.value) if _NUM_STEPS.value else tuple(config.bench.num_steps)
-    steps_ = _STEPS.value or config.bench.steps
+    steps_ = _STEPS.value or (config.bench.sweep_steps if command == "sweep" else config.bench.steps)
     if steps_ < 1:
         raise ValueError(f"--steps={steps_} must be >= 1.")
     if command == "train":
-        print(json.dumps(bench_train(config, num_steps, steps_)), flush=True)
+        print(json.dumps(bench_train(config, num_steps, steps_, trace_dir=_TRACE_DIR.value)), flush=True)
     elif command == "generate":
         print(json.dumps(bench_generate(config, _EXIT.value)), flush=True)
     else:
@@ -269,4 +333,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, FLAGS, usage=__doc__)

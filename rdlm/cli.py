@@ -1,9 +1,15 @@
-"""Command-line parsing shared by the entry points: absl flags with one-sentence errors."""
+"""Command-line parsing shared by the entry points: absl flags with one-sentence errors.
 
+Every entry point owns its flags in its own `flags.FlagValues`, so importing several of them into
+one process (a test run, a notebook) never defines a flag twice.
+"""
+
+import functools
 import importlib.util
 import sys
+from collections.abc import Callable, Mapping
 
-from absl import flags
+from absl import app, flags
 
 
 def _config_file(argv) -> str | None:
@@ -39,10 +45,21 @@ def _unknown_override(argv) -> str | None:
     return None
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing for `app.run`, turning a bad flag or config override into one sentence."""
+def parse_flags(
+    argv: list[str],
+    flag_values: flags.FlagValues,
+    usage: str = "",
+    required: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Parses `argv` into `flag_values`; a bad flag, override or missing flag exits with one sentence.
+
+    `required` maps a flag name to an example value shown when it is missing.
+    """
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print((usage.strip() + "\n\n" if usage else "") + flag_values.get_help(include_special_flags=False))
+        sys.exit(0)
     try:
-        return flags.FLAGS(argv)
+        remaining = flag_values(argv)
     except Exception as e:  # absl and ml_collections raise many types here; all are the user's input.
         try:
             unknown = _unknown_override(argv[1:])
@@ -51,3 +68,19 @@ def parse_flags(argv: list[str]) -> list[str]:
         if unknown:
             sys.exit(f"error: --config.{unknown} is not a config field; see configs/base.py for the fields.")
         sys.exit(f"error: bad command line ({type(e).__name__}: {e}).")
+    for name, example in (required or {}).items():
+        if flag_values[name].value is None:
+            sys.exit(f"error: --{name} is required, e.g. --{name}={example}.")
+    if not flags.FLAGS.is_parsed():  # absl's own flags (logging, grain workers) read the global set.
+        flags.FLAGS(argv[:1])
+    return remaining
+
+
+def run(
+    main: Callable[[list[str]], object],
+    flag_values: flags.FlagValues,
+    usage: str = "",
+    required: Mapping[str, str] | None = None,
+) -> None:
+    """`absl.app.run(main)` with `flag_values` parsed by `parse_flags`."""
+    app.run(main, flags_parser=functools.partial(parse_flags, flag_values=flag_values, usage=usage, required=required))

@@ -179,27 +179,8 @@ def _reexec_with_devices(n: int) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "rdlm.memory_plan", *sys.argv[1:]], env)
 
 
-def _parse(argv: list[str]) -> None:
-    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip() + "\n\n" + FLAGS.get_help(include_special_flags=False))
-        sys.exit(0)
-    try:
-        FLAGS(argv)
-    except Exception as e:  # absl and ml_collections raise many types here; all are the user's input.
-        unknown = None
-        try:
-            unknown = cli._unknown_override(argv[1:])
-        except Exception:
-            pass
-        if unknown:
-            sys.exit(f"error: --config.{unknown} is not a config field; see configs/base.py for the fields.")
-        sys.exit(f"error: bad command line ({type(e).__name__}: {e}).")
-    if _CONFIG.value is None:
-        sys.exit("error: --config is required, e.g. --config=configs/3b5.py.")
-
-
 def main(argv: list[str]) -> None:
-    _parse(argv)
+    cli.parse_flags(argv, FLAGS, usage=__doc__, required={"config": "configs/3b5.py"})
     config = _CONFIG.value
     present = jax.device_count()
     wanted = FLAGS.devices or present

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
@@ -92,7 +92,9 @@ def _check_config(config, model_config: ModelConfig, mesh, rules) -> int:
         raise ValueError(f"train.num_steps={config.train.num_steps} must be >= 0.")
     accum = config.train.grad_accum_steps
     if accum < 1 or config.train.batch_size % accum:
-        raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of train.grad_accum_steps={accum}.")
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} must be a multiple of train.grad_accum_steps={accum}."
+        )
     sharding.check_batch(config.train.batch_size // accum, mesh, rules, "train.batch_size / train.grad_accum_steps")
     if config.data.seq_len > model_config.block_size:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.block_size={model_config.block_size}.")
@@ -133,7 +135,10 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
     ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     rng = jax.random.key(config.train.seed)
     data_iter = pipeline.make_train_iterator(
-        config, process_index=jax.process_index(), process_count=jax.process_count(), seed=config.train.seed,
+        config,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=config.train.seed,
         batch_size_per_process=local_batch,
     )
     _save_tokenizer(config, workdir)
@@ -169,7 +174,9 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
     stop = _SigtermFlag()
     config_json = config.to_dict()
     budget_s = config.train.time_budget_minutes * 60
-    logging.info("Training %s from step %d to %d on mesh %s.", model_config, first_step, config.train.num_steps, dict(mesh.shape))
+    logging.info(
+        "Training %s from step %d to %d on mesh %s.", model_config, first_step, config.train.num_steps, dict(mesh.shape)
+    )
 
     def save(step_state):
         ckpts.save(step_state, data_iter.get_state(), _json_safe(config_json), model_config)
@@ -185,7 +192,12 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         pending = (step, step_metrics) if step % config.log.every_steps == 0 or step == config.train.num_steps else None
         if config.eval.every_steps and step % config.eval.every_steps == 0:
             eval_batches = eval_batches or evaluate.eval_batches(config, mesh, rules)
-            writer.write(step, evaluate.validation_loss(eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed))
+            writer.write(
+                step,
+                evaluate.validation_loss(
+                    eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed
+                ),
+            )
         out_of_time = budget_s and time.perf_counter() - started > budget_s
         if step % config.checkpoint.every_steps == 0 or out_of_time:
             save(state)
@@ -257,20 +269,32 @@ def _log(writer, progress, pending, config, model_config, peak, last_time, token
     return now
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/tiny.py.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (local path or gs://): checkpoints, metrics, results.")
-flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for a multi-process run (else auto-detected).")
-flags.DEFINE_integer("num_processes", 0, "Processes in a multi-process run (with --coordinator_address).")
-flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/tiny.py.", lock_config=True, flag_values=FLAGS
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (local path or gs://): checkpoints, metrics, results.", flag_values=FLAGS
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    "",
+    "host:port of process 0 for a multi-process run (else auto-detected).",
+    flag_values=FLAGS,
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 0, "Processes in a multi-process run (with --coordinator_address).", flag_values=FLAGS
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", -1, "This process's index (with --coordinator_address).", flag_values=FLAGS
+)
 
 
 def main(argv):
     del argv
-    maybe_initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
-    if flags.FLAGS.workdir is None:
-        sys.exit("error: --workdir is required (a local directory or gs://bucket/run).")
+    maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-        train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except Preempted as e:
         logging.warning("%s", e)
         sys.exit(0)
@@ -279,5 +303,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, FLAGS, usage=__doc__, required={"config": "configs/tiny.py", "workdir": "runs/tiny"})

@@ -152,15 +152,13 @@ def test_tokenizer_is_found_for_workdirs_and_step_dirs(tiny, tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line(huginn_tiny_dir):
-    from absl import flags
-
     argv = ["rdlm.generate", f"--checkpoint={huginn_tiny_dir / 'checkpoint'}", "--prompt=x", "--exit=bogus:1"]
-    flags.FLAGS(argv)
+    generate_cli.FLAGS(argv)
     try:
         with pytest.raises(SystemExit) as exit_:
             generate_cli.main(argv[:1])
     finally:
-        flags.FLAGS.unparse_flags()
+        generate_cli.FLAGS.unparse_flags()
     assert str(exit_.value.code) == (
         "rdlm.generate: Unknown exit_criterion 'bogus'; choose one of ('kl', 'minp-kl', 'entropy-diff', "
         "'latent-diff', 'cosine', 'argmax-stability') or None."

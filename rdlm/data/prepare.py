@@ -15,8 +15,9 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from absl import app, flags
+from absl import flags
 
+from rdlm import cli
 from rdlm.data import sources
 from rdlm.data import tokenizer as tokenizer_lib
 
@@ -51,9 +52,16 @@ def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def prepare(input_paths: str | Sequence[str], output_dir: str, *, tokenizer: str = "",
-            vocab_size: int = 8192, num_shards: int = 1, text_field: str = "text",
-            tokenizer_train_mb: float = 100.0) -> dict:
+def prepare(
+    input_paths: str | Sequence[str],
+    output_dir: str,
+    *,
+    tokenizer: str = "",
+    vocab_size: int = 8192,
+    num_shards: int = 1,
+    text_field: str = "text",
+    tokenizer_train_mb: float = 100.0,
+) -> dict:
     """Writes the shards and metadata.json for the input files; returns the metadata."""
     if num_shards < 1:
         raise ValueError(f"--num_shards={num_shards} must be at least 1.")
@@ -97,27 +105,35 @@ def prepare(input_paths: str | Sequence[str], output_dir: str, *, tokenizer: str
     return metadata
 
 
-_INPUT = flags.DEFINE_string("input", None, "Text/JSONL files: a glob or comma-separated globs.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for shards and metadata.json.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "SentencePiece .model; '' trains one.")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "Vocabulary of a newly trained tokenizer.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "ArrayRecord shards to write.")
-_TRAIN_MB = flags.DEFINE_float("tokenizer_train_mb", 100.0, "MB of text to train a tokenizer on.")
-_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSONL field holding the text.")
+FLAGS = flags.FlagValues()
+_INPUT = flags.DEFINE_string("input", None, "Text/JSONL files: a glob or comma-separated globs.", flag_values=FLAGS)
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for shards and metadata.json.", flag_values=FLAGS)
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "SentencePiece .model; '' trains one.", flag_values=FLAGS)
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "Vocabulary of a newly trained tokenizer.", flag_values=FLAGS)
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "ArrayRecord shards to write.", flag_values=FLAGS)
+_TRAIN_MB = flags.DEFINE_float("tokenizer_train_mb", 100.0, "MB of text to train a tokenizer on.", flag_values=FLAGS)
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSONL field holding the text.", flag_values=FLAGS)
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
     try:
-        meta = prepare(_INPUT.value, _OUTPUT_DIR.value, tokenizer=_TOKENIZER.value,
-                       vocab_size=_VOCAB_SIZE.value, num_shards=_NUM_SHARDS.value,
-                       text_field=_TEXT_FIELD.value, tokenizer_train_mb=_TRAIN_MB.value)
+        meta = prepare(
+            _INPUT.value,
+            _OUTPUT_DIR.value,
+            tokenizer=_TOKENIZER.value,
+            vocab_size=_VOCAB_SIZE.value,
+            num_shards=_NUM_SHARDS.value,
+            text_field=_TEXT_FIELD.value,
+            tokenizer_train_mb=_TRAIN_MB.value,
+        )
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"rdlm.data.prepare: {e}")
-    print(f"Wrote {meta['num_documents']} documents, {meta['num_tokens']} tokens, "
-          f"vocab {meta['vocab_size']} to {_OUTPUT_DIR.value}")
+    print(
+        f"Wrote {meta['num_documents']} documents, {meta['num_tokens']} tokens, "
+        f"vocab {meta['vocab_size']} to {_OUTPUT_DIR.value}"
+    )
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["input", "output_dir"])
-    app.run(main)
+    cli.run(main, FLAGS, usage=__doc__, required={"input": "docs/*.jsonl", "output_dir": "data/mine"})

@@ -6,7 +6,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
@@ -31,7 +31,7 @@ class ModelConfig:
     attention_window: int | None = None
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters (float32 master weights)
-    attention_impl: str = "xla"  # one of ATTENTION_IMPLS
+    attention_impl: str = "xla"  # "xla" (any backend), "cudnn" (GPU flash attention) or "splash" (TPU Pallas)
     remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps; REMAT_POLICIES
     unroll_layers: bool = False  # unroll the nn.scan over each stage's stacked layers (faster on CPU)
 

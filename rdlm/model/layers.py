@@ -89,8 +89,7 @@ class Attention(nn.Module):
             q_BSHK, k_BSHK = q_BSHK + bias[0], k_BSHK + bias[1]
         cos, sin = rope_angles(positions_BS, K, cfg.rope_base)
         q_BSHK, k_BSHK = apply_rope(q_BSHK, cos, sin), apply_rope(k_BSHK, cos, sin)
-        mask_BSS = attention.self_mask(segment_ids_BS, cfg.attention_window)
-        out_BSHK = attention.attend(q_BSHK, k_BSHK, v_BSHK, mask_BSS, past, cfg.attention_impl)
+        out_BSHK = attention.attend(q_BSHK, k_BSHK, v_BSHK, segment_ids_BS, cfg.attention_window, past, cfg.attention_impl)
         wo = logical_param(
             self, "wo", trunc_normal(cfg.out_proj_std), (H, K, D), ("heads", "head_dim", "embed"), cfg.weight_dtype
         )

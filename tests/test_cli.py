@@ -1,0 +1,34 @@
+"""The entry points share one process without clashing flags, and parse bad input into one sentence."""
+
+import importlib
+
+import pytest
+
+from rdlm import cli
+
+ENTRY_POINTS = ("rdlm.train", "rdlm.generate", "rdlm.bench", "rdlm.memory_plan", "rdlm.data.prepare")
+
+
+def test_entry_points_import_together_with_their_own_flags():
+    modules = [importlib.import_module(name) for name in ENTRY_POINTS]
+    flag_sets = [m.FLAGS for m in modules]
+    assert len({id(f) for f in flag_sets}) == len(ENTRY_POINTS)
+    assert "tokenizer" in modules[1].FLAGS and "tokenizer" in modules[4].FLAGS
+
+
+def test_missing_required_flag_is_one_sentence():
+    generate = importlib.import_module("rdlm.generate")
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.parse_flags(["rdlm.generate", "--prompt=x"], generate.FLAGS, required={"checkpoint": "runs/tiny"})
+    finally:
+        generate.FLAGS.unparse_flags()
+    assert exit_.value.code == "error: --checkpoint is required, e.g. --checkpoint=runs/tiny."
+
+
+def test_unknown_flag_is_one_sentence():
+    generate = importlib.import_module("rdlm.generate")
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_flags(["rdlm.generate", "--num_stepz=3"], generate.FLAGS)
+    message = str(exit_.value.code)
+    assert message.startswith("error: bad command line") and "num_stepz" in message and "\n" not in message
