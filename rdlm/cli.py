@@ -6,10 +6,12 @@ one process (a test run, a notebook) never defines a flag twice.
 
 import functools
 import importlib.util
+import logging
 import sys
 from collections.abc import Callable, Mapping
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 
 def _config_file(argv) -> str | None:
@@ -76,11 +78,22 @@ def parse_flags(
     return remaining
 
 
+class _DropLibraryInfo(logging.Filter):
+    """Keeps warnings and errors of the libraries below, and drops their INFO chatter (Orbax logs ~30
+    lines per checkpoint)."""
+
+    LIBRARIES = ("/orbax/",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(lib in record.pathname for lib in self.LIBRARIES)
+
+
 def run(
     main: Callable[[list[str]], object],
     flag_values: flags.FlagValues,
     usage: str = "",
     required: Mapping[str, str] | None = None,
 ) -> None:
-    """`absl.app.run(main)` with `flag_values` parsed by `parse_flags`."""
+    """`absl.app.run(main)` with `flag_values` parsed by `parse_flags`, and library INFO logs dropped."""
+    absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
     app.run(main, flags_parser=functools.partial(parse_flags, flag_values=flag_values, usage=usage, required=required))

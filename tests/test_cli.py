@@ -32,3 +32,15 @@ def test_unknown_flag_is_one_sentence():
         cli.parse_flags(["rdlm.generate", "--num_stepz=3"], generate.FLAGS)
     message = str(exit_.value.code)
     assert message.startswith("error: bad command line") and "num_stepz" in message and "\n" not in message
+
+
+def test_library_info_is_dropped_but_warnings_and_our_info_are_kept():
+    import logging
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "msg", None, None)
+
+    keep = cli._DropLibraryInfo().filter
+    assert not keep(record("/site-packages/orbax/checkpoint/atomicity.py", logging.INFO))
+    assert keep(record("/site-packages/orbax/checkpoint/atomicity.py", logging.WARNING))
+    assert keep(record("/work/main/rdlm/train.py", logging.INFO))

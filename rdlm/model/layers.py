@@ -80,8 +80,10 @@ class Attention(nn.Module):
         wqkv = logical_param(
             self, "wqkv", trunc_normal(cfg.init_std), (D, 3, H, K), ("embed", "qkv", "heads", "head_dim"), cfg.weight_dtype
         )
-        qkv_3BSHK = jnp.einsum("bsd,dthk->tbshk", x_BSD, wqkv.astype(cfg.compute_dtype))
-        q_BSHK, k_BSHK, v_BSHK = qkv_3BSHK[0], qkv_3BSHK[1], qkv_3BSHK[2]
+        # Batch-major output: the weight enters the matmul as stored (a "tbshk" output makes XLA
+        # transpose the whole weight on every call, which dominates small-batch decoding).
+        qkv_BS3HK = jnp.einsum("bsd,dthk->bsthk", x_BSD, wqkv.astype(cfg.compute_dtype))
+        q_BSHK, k_BSHK, v_BSHK = qkv_BS3HK[:, :, 0], qkv_BS3HK[:, :, 1], qkv_BS3HK[:, :, 2]
         if cfg.qk_bias:
             bias = logical_param(
                 self, "qk_bias", nn.initializers.zeros, (2, H, K), ("qkv", "heads", "head_dim"), cfg.weight_dtype
