@@ -36,14 +36,15 @@ def query_block(seq_len: int) -> int:
 
 
 def _softmax_attention(q_BHSK, k_BHTK, v_BHTK, mask_BST):
-    scale = q_BHSK.shape[-1] ** -0.5
-    logits = jnp.einsum("bhsk,bhtk->bhst", q_BHSK, k_BHTK, preferred_element_type=jnp.float32) * scale
+    """Queries pre-scaled by K^-0.5 (one multiply per query element rather than per score)."""
+    logits = jnp.einsum("bhsk,bhtk->bhst", q_BHSK, k_BHTK, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(jnp.where(mask_BST[:, None], logits, _MASKED), axis=-1).astype(v_BHTK.dtype)
     return jnp.einsum("bhst,bhtk->bhsk", probs, v_BHTK)
 
 
 def _xla_self_attention(q_BSHK, k_BSHK, v_BSHK, segment_ids_BS, window: int | None):
     S = q_BSHK.shape[1]
+    q_BSHK = q_BSHK * jnp.asarray(q_BSHK.shape[-1] ** -0.5, q_BSHK.dtype)
     q_BHSK, k_BHSK, v_BHSK = (x.swapaxes(1, 2) for x in (q_BSHK, k_BSHK, v_BSHK))
     block = query_block(S)
     out = []

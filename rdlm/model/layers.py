@@ -4,6 +4,7 @@ Shapes are named in variable suffixes: B batch, S query length, T key length, D 
 K head dim, F MLP width, L layers of a stage.
 """
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -136,11 +137,30 @@ def remat_policy(name: str) -> Any:
     return getattr(jax.checkpoint_policies, name)
 
 
+def unstack_layers(params):
+    """Every stack's stacked parameters {"layers": [L, ...]} as per-layer trees {"layer_0": ..., ...}.
+
+    BlockStack runs such parameters as a Python loop over layers. Split once outside a decode loop,
+    the layers' weights are loop invariants; under nn.scan each layer call would copy its slice out.
+    """
+    if not isinstance(params, Mapping):
+        return params
+    out = {}
+    for name, sub in params.items():
+        if name == "layers":
+            n = jax.tree.leaves(sub)[0].shape[0]
+            out.update({f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], sub) for i in range(n)})
+        else:
+            out[name] = unstack_layers(sub)
+    return out
+
+
 class BlockStack(nn.Module):
     """`num_layers` sandwich blocks with stacked parameters [L, ...], run under nn.scan.
 
     `past_kv` (decoding) is a pair of stacked caches [L, B, T, H, K]; the stack returns the new
-    keys/values of every layer stacked the same way.
+    keys/values of every layer stacked the same way. Parameters split by `unstack_layers` run as a
+    Python loop over the layers instead.
     """
 
     config: ModelConfig
@@ -149,6 +169,14 @@ class BlockStack(nn.Module):
 
     @nn.compact
     def __call__(self, x_BSD, positions_BS, segment_ids_BS, past_kv=None, past_mask=None):
+        if "layer_0" in self.variables.get("params", {}):
+            kvs = []
+            for i in range(self.num_layers):
+                past_i = None if past_kv is None else (past_kv[0][i], past_kv[1][i])
+                x_BSD, kv = SandwichBlock(self.config, name=f"layer_{i}")(x_BSD, positions_BS, segment_ids_BS, past_i,
+                                                                          past_mask)
+                kvs.append(kv)
+            return x_BSD, tuple(jnp.stack(x) for x in zip(*kvs))
         block = SandwichBlock
         if self.remat:
             block = nn.remat(block, policy=remat_policy(self.config.remat_policy), prevent_cse=False)

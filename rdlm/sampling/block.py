@@ -36,6 +36,7 @@ class _Carry:
     exit_state: ExitState | None
     logits: jax.Array | None  # the head's output after the latest iteration (logit criteria only)
     cache: KVCache
+    past_core: KV | None  # the cache's core slot of the current iteration (None in prefill)
 
 
 def run_block(
@@ -84,12 +85,15 @@ def run_block(
 
     def body(c: _Carry):
         slot = c.i % c.cache.slots
-        new, kv = apply(c.state_BSD, embedded, positions_BS, segment_BS, past(c.cache.core_slot(slot)), mask,
-                        method=RecurrentLM.iterate)
+        new, kv = apply(c.state_BSD, embedded, positions_BS, segment_BS, c.past_core, mask, method=RecurrentLM.iterate)
         act = c.active_B
         state_BSD = jnp.where(act[:, None, None], new, c.state_BSD)
         last_kv = tuple(jnp.where(act[None, :, None, None, None], n, o) for n, o in zip(kv, c.last_kv))
         cache = c.cache.write_core(slot, last_kv, positions_BS)
+        # The next iteration's slot is read here, after the write: the layers then read a small carried
+        # copy, and the write can update the cache in place (reads of the cache inside the layers would
+        # make XLA copy the whole cache every iteration). This token's own entries are masked anyway.
+        past_core = past(cache.core_slot((c.i + 1) % cache.slots))
         steps = c.steps_B + act.astype(jnp.int32)
         exit_state, active, logits = c.exit_state, act, c.logits
         if exit is not None:
@@ -98,13 +102,14 @@ def run_block(
             last = None if logits is None else logits[:, -1]
             exit_state, _, stop = exit.update(c.exit_state, last, state_BSD, valid_BS, knobs.exit_threshold)
             active = act & ~(stop & (steps >= knobs.min_steps))
-        return _Carry(c.i + 1, state_BSD, last_kv, active, steps, exit_state, logits, cache)
+        return _Carry(c.i + 1, state_BSD, last_kv, active, steps, exit_state, logits, cache, past_core)
 
     kv_shape = (cfg.n_layers_in_recurrent_block, B, S, cfg.n_heads, cfg.head_dim)
     zeros_kv = (jnp.zeros(kv_shape, cfg.compute_dtype), jnp.zeros(kv_shape, cfg.compute_dtype))
     exit_state = None if exit is None else exit.init(state, cfg.vocab_size)
     logits = jnp.zeros((B, S, cfg.vocab_size), jnp.float32) if head_in_loop else None
-    carry = _Carry(jnp.int32(0), state, zeros_kv, active_B, jnp.zeros((B,), jnp.int32), exit_state, logits, cache)
+    carry = _Carry(jnp.int32(0), state, zeros_kv, active_B, jnp.zeros((B,), jnp.int32), exit_state, logits, cache,
+                   past(cache.core_slot(0)))
     carry = jax.lax.while_loop(cond, body, carry)
     cache, logits = carry.cache, carry.logits
     if exit is not None or num_steps < cache.depth:

@@ -18,6 +18,7 @@ import numpy as np
 
 from rdlm.model import RecurrentLM, recurrence
 from rdlm.model.config import ModelConfig
+from rdlm.model.layers import unstack_layers
 from rdlm.sampling import logits as logits_lib
 from rdlm.sampling.block import run_block
 from rdlm.sampling.cache import KVCache
@@ -162,7 +163,7 @@ class Sampler:
                            max_new_tokens=max_new_tokens, kv_share=self.static.kv_share)
 
     def _decode(self, params, knobs, st: SamplingState) -> SamplingState:
-        step = functools.partial(decode_step, self.model, self.static, knobs, params)
+        step = functools.partial(decode_step, self.model, self.static, knobs, unstack_layers(params))
         return jax.lax.while_loop(lambda s: jnp.any(~s.done_B), step, st)
 
     def knobs(self, options: SamplerOptions) -> Knobs:
