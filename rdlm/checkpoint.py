@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
 from rdlm import checkpoint_io
 from rdlm.state import TrainState

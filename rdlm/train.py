@@ -7,7 +7,6 @@ accuracy and validation loss against test-time r.
 """
 
 import dataclasses
-import functools
 import os
 import signal
 import sys
@@ -15,7 +14,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags, logging

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import train_config
 from rdlm import checkpoint, metrics, optim, sharding, state as state_lib
 from rdlm.model import RecurrentLM
 from rdlm.train import model_config_from, train_and_evaluate

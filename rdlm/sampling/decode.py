@@ -23,7 +23,7 @@ from rdlm.sampling import logits as logits_lib
 from rdlm.sampling.block import run_block
 from rdlm.sampling.cache import KVCache
 from rdlm.sampling.options import Knobs, SamplerOptions
-from rdlm.sampling.prompts import batch_prompts, check_fits
+from rdlm.sampling.prompts import prepare_prompts
 
 
 @flax.struct.dataclass
@@ -178,9 +178,8 @@ class Sampler:
         """Prefill + decode; returns the final sampling state (cache included)."""
         options = self.options if options is None else options
         knobs = self.knobs(options)
-        ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=options.pad_id)
-        check_fits(self.config, ids, lengths, max_new_tokens)
-        rng = jax.random.key(0) if rng is None else rng
+        ids, lengths, rng = prepare_prompts(self.config, prompt_ids, prompt_lengths, max_new_tokens, rng,
+                                            pad_id=options.pad_id)
         st = self.prefill(params, knobs, ids, lengths, rng, max_new_tokens=max_new_tokens)
         return self.decode(params, knobs, st)
 

@@ -25,7 +25,7 @@ from rdlm.model.config import ModelConfig
 from rdlm.sampling import logits as logits_lib
 from rdlm.sampling.decode import GenerateOutput, SamplingState, emit, initial_states, prefill_for
 from rdlm.sampling.options import Knobs, SamplerOptions
-from rdlm.sampling.prompts import batch_prompts, check_fits
+from rdlm.sampling.prompts import prepare_prompts
 
 
 @flax.struct.dataclass
@@ -167,9 +167,8 @@ class ParallelSampler:
     def __call__(self, params, prompt_ids, *, max_new_tokens: int, prompt_lengths=None,
                  rng=None) -> ParallelOutput:
         knobs = self.options.knobs()
-        ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=self.options.pad_id)
-        check_fits(self.config, ids, lengths, max_new_tokens)
-        rng = jax.random.key(0) if rng is None else rng
+        ids, lengths, rng = prepare_prompts(self.config, prompt_ids, prompt_lengths, max_new_tokens, rng,
+                                            pad_id=self.options.pad_id)
         wave = self.prefill(params, knobs, ids, lengths, rng, max_new_tokens=max_new_tokens)
         wave = self.decode(params, knobs, wave)
         st = wave.base

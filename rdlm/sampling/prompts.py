@@ -2,6 +2,7 @@
 
 import numbers
 
+import jax
 import numpy as np
 
 from rdlm.model.config import ModelConfig
@@ -70,3 +71,11 @@ def check_fits(config: ModelConfig, ids: np.ndarray, lengths: np.ndarray, max_ne
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= config.vocab_size:
         raise ValueError(f"Prompt token ids must lie in [0, {config.vocab_size}); got ids from {lo} to {hi}.")
+
+
+def prepare_prompts(config: ModelConfig, prompt_ids, prompt_lengths, max_new_tokens: int, rng, *, pad_id: int):
+    """(ids [B, P], lengths [B], rng) for a sampler: batched, checked against the positions table, and
+    rng defaulting to key(0)."""
+    ids, lengths = batch_prompts(prompt_ids, prompt_lengths, pad_id=pad_id)
+    check_fits(config, ids, lengths, max_new_tokens)
+    return ids, lengths, jax.random.key(0) if rng is None else rng

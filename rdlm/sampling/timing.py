@@ -16,7 +16,7 @@ import numpy as np
 from rdlm.model.config import ModelConfig
 from rdlm.sampling import decode
 from rdlm.sampling.options import SamplerOptions
-from rdlm.sampling.prompts import batch_prompts, check_fits
+from rdlm.sampling.prompts import prepare_prompts
 
 
 @dataclasses.dataclass
@@ -39,9 +39,7 @@ def measure(sampler, params, prompt_ids, *, max_new_tokens: int, options: Sample
     """Times prefill and the decode loop separately (best of `repeats`), after one warm-up run."""
     options = sampler.options if options is None else options
     knobs = sampler.knobs(options) if hasattr(sampler, "knobs") else options.knobs()
-    ids, lengths = batch_prompts(prompt_ids, pad_id=options.pad_id)
-    check_fits(sampler.config, ids, lengths, max_new_tokens)
-    rng = jax.random.key(0) if rng is None else rng
+    ids, lengths, rng = prepare_prompts(sampler.config, prompt_ids, None, max_new_tokens, rng, pad_id=options.pad_id)
     compiled_before = _cache_sizes(sampler)
 
     def run():
