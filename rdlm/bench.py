@@ -108,12 +108,11 @@ class TrainBench:
         self.mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
         self.rules = sharding.check_rules(config.mesh.rules, self.mesh)
         rng = jax.random.key(config.bench.seed)
-        seq_len = config.data.seq_len
         with self.context():
-            _, shardings = state_lib.abstract_state(self.model, self.tx, self.mesh, self.rules, seq_len)
-            self.state = state_lib.init_state(self.model, self.tx, rng, self.mesh, self.rules, seq_len)
+            self.state = state_lib.init_state(self.model, self.tx, rng, self.mesh, self.rules, config.data.seq_len)
         self.batch = synthetic_batch(config, jax.random.fold_in(rng, 1))
         # The state keeps its shardings from step to step (else the second call would compile again).
+        shardings = jax.tree.map(lambda x: x.sharding, self.state)
         replicated = sharding.replicated(self.mesh)
         self.step = jax.jit(
             make_fixed_depth_step(self.model, self.tx, k, jax.random.fold_in(rng, 2)),

@@ -232,7 +232,8 @@ def recurrence_scaling(config, model, params, mesh, rules, batches=None, eval_st
         trained_difficulties = {int(d) for d in config.data.builtin.difficulties}
         trained = [p.difficulty in trained_difficulties for _, p in flat]
         labels = [f"{task}/{bucket_of(p.difficulty, buckets)}{'' if ok else '*'}" for (task, p), ok in zip(flat, trained)]
-        order = sorted(set(labels), key=lambda label: (label.split("/")[0], int(label.split("/")[1].split("-")[0].rstrip("*"))))
+        by_difficulty = sorted(zip([(task, p.difficulty) for task, p in flat], labels))
+        order = list(dict.fromkeys(label for _, label in by_difficulty))  # buckets by task, then difficulty
         run = ReasoningEval(model, mesh, rules, batch_size=config.eval.batch_size, init_scale=config.eval.init_scale)
         correct = {r: run(params, rows, r, jax.random.key(config.eval.seed)) for r in num_steps}
         table = accuracy_table(correct, labels, trained)

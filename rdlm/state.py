@@ -39,26 +39,29 @@ def _init_boxed(model: RecurrentLM, tx: optax.GradientTransformation, rng, seq_l
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def abstract_state(model, tx, mesh, rules, seq_len: int) -> tuple[TrainState, TrainState]:
-    """(shapes of the unboxed state, its NamedShardings), allocating nothing."""
-    boxed = jax.eval_shape(lambda rng: _init_boxed(model, tx, rng, seq_len), jax.random.key(0))
+def _abstract_and_shardings(init_boxed, mesh, rules):
+    """(unboxed shapes, NamedShardings) of what `init_boxed(rng)` creates, checked to split evenly."""
+    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = strip_boxes(boxed)
     sharding.check_divisible(abstract, shardings)
     return abstract, shardings
 
 
+def abstract_state(model, tx, mesh, rules, seq_len: int) -> tuple[TrainState, TrainState]:
+    """(shapes of the unboxed state, its NamedShardings), allocating nothing."""
+    return _abstract_and_shardings(lambda rng: _init_boxed(model, tx, rng, seq_len), mesh, rules)
+
+
 def param_shardings(model: RecurrentLM, mesh, rules):
     """NamedShardings of the model's parameters on a mesh (e.g. to load a checkpoint onto it)."""
-    boxed = jax.eval_shape(lambda rng: _init_params_boxed(model, rng), jax.random.key(0))
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    sharding.check_divisible(strip_boxes(boxed), shardings)
-    return shardings
+    return _abstract_and_shardings(lambda rng: _init_params_boxed(model, rng), mesh, rules)[1]
 
 
-def init_state(model, tx, rng, mesh, rules, seq_len: int) -> TrainState:
-    """A fresh state, each array created on its own shards."""
-    _, shardings = abstract_state(model, tx, mesh, rules, seq_len)
+def init_state(model, tx, rng, mesh, rules, seq_len: int, shardings: TrainState | None = None) -> TrainState:
+    """A fresh state, each array created on its own shards (`shardings` from abstract_state, if at hand)."""
+    if shardings is None:
+        _, shardings = abstract_state(model, tx, mesh, rules, seq_len)
     init = jax.jit(lambda r: strip_boxes(_init_boxed(model, tx, r, seq_len)), out_shardings=shardings)
     return init(rng)
 

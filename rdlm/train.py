@@ -112,9 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     """Trains (or resumes) a run in `workdir` on `devices` (default: all); returns the final results."""
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.check_rules(config.mesh.rules, mesh)
-    workdir = epath.Path(workdir)
-    if "://" not in str(workdir):
-        workdir = workdir.resolve()  # Orbax wants absolute paths
+    workdir = checkpoint_io.as_path(workdir)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _train_and_evaluate(config, workdir, mesh, rules)
 
@@ -150,7 +148,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         state = state_lib.state_from_params(params, tx, shardings)
         logging.info("Initialised params from %s.", config.init_from)
     else:
-        state = state_lib.init_state(model, tx, jax.random.fold_in(rng, 2), mesh, rules, seq_len)
+        state = state_lib.init_state(model, tx, jax.random.fold_in(rng, 2), mesh, rules, seq_len, shardings)
     first_step = int(jax.device_get(state.step))
 
     accum = config.train.grad_accum_steps

@@ -33,7 +33,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters (float32 master weights)
     attention_impl: str = "xla"  # "xla" (any backend), "cudnn" (GPU flash attention) or "splash" (TPU Pallas)
     remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps; REMAT_POLICIES
-    unroll_layers: bool = False  # unroll the nn.scan over each stage's stacked layers (faster on CPU)
+    unroll_layers: bool = False  # unroll the nn.scan over each stage's layers (slower on CPU: docs/performance.md)
 
     def __post_init__(self):
         if self.n_embd % self.n_heads:
