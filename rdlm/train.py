@@ -174,17 +174,26 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         "Training %s from step %d to %d on mesh %s.", model_config, first_step, config.train.num_steps, dict(mesh.shape)
     )
 
+    pending, last_time, started = None, time.perf_counter(), time.perf_counter()
+
+    def log_pending():
+        nonlocal pending, last_time
+        if pending is not None:
+            last_time = _log(writer, progress, pending, config, model_config, peak, last_time, tokens_per_step)
+            pending = None
+
     def save(step_state):
+        # A checkpoint covers its steps' metrics: a run resumed from it never logs them again.
+        log_pending()
+        writer.flush()
         ckpts.save(step_state, data_iter.get_state(), _json_safe(config_json), model_config)
 
-    pending, last_time, started = None, time.perf_counter(), time.perf_counter()
     step = first_step
     while step < config.train.num_steps:
         batch = _global(next(data_iter), batch_sharding, config.train.batch_size, accum)
         state, step_metrics = train_step(state, batch)
         step += 1
-        if pending is not None:  # fetched one step late: the device never waits for the host
-            last_time = _log(writer, progress, pending, config, model_config, peak, last_time, tokens_per_step)
+        log_pending()  # fetched one step late: the device never waits for the host
         pending = (step, step_metrics) if step % config.log.every_steps == 0 or step == config.train.num_steps else None
         if config.eval.every_steps and step % config.eval.every_steps == 0:
             eval_batches = eval_batches or evaluate.eval_batches(config, mesh, rules)
@@ -198,8 +207,6 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         if step % config.checkpoint.every_steps == 0 or out_of_time:
             save(state)
         if stop.should_stop(ckpts.manager, step):
-            if pending is not None:
-                _log(writer, progress, pending, config, model_config, peak, last_time, tokens_per_step)
             save(state)
             ckpts.wait()
             writer.close()
@@ -207,8 +214,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         if out_of_time:
             logging.warning("train.time_budget_minutes=%s reached at step %d.", config.train.time_budget_minutes, step)
             break
-    if pending is not None:
-        _log(writer, progress, pending, config, model_config, peak, last_time, tokens_per_step)
+    log_pending()
     if progress:
         progress.close()
     save(state)
