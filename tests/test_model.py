@@ -40,7 +40,9 @@ def test_causal(params):
 
     @jax.jit
     def grads(e, s):
-        out_t = lambda e, s: model.apply({"params": params}, input_embeds=e, num_steps=(0, 3), init_state=s).logits[0, t].sum()
+        def out_t(e, s):
+            return model.apply({"params": params}, input_embeds=e, num_steps=(0, 3), init_state=s).logits[0, t].sum()
+
         return jax.grad(out_t, argnums=(0, 1))(e, s)
 
     for g in grads(embeds, s0):

@@ -40,12 +40,13 @@ class ReferenceDecoder:
         return min(i, ran - 1)
 
     def _past(self, entries, positions):
-        """Stacked (k, v) [L, 1, T, H, K] of `entries[q]` for q in positions, zero-padded to T."""
+        """Stacked (k, v) [L, 1, H, T, K] of `entries[q]` ([L, H, K]) for q in positions, zero-padded to T."""
         k0 = entries[positions[0]][0]
-        out = [np.zeros((k0.shape[0], 1, self.T) + k0.shape[1:], k0.dtype) for _ in range(2)]
+        L, H, K = k0.shape
+        out = [np.zeros((L, 1, H, self.T, K), k0.dtype) for _ in range(2)]
         for q in positions:
             for x, e in zip(out, entries[q]):
-                x[:, 0, q] = e
+                x[:, 0, :, q] = e
         return tuple(out)
 
     def _kl_exit(self, logits, prev, threshold):

@@ -64,8 +64,8 @@ def apply_rope(x_BSHK: jax.Array, cos_BSk: jax.Array, sin_BSk: jax.Array) -> jax
 class PastKV(NamedTuple):
     """Cached keys/values a query block attends to besides itself (decoding), with their mask."""
 
-    k_BTHK: jax.Array
-    v_BTHK: jax.Array
+    k_BHTK: jax.Array
+    v_BHTK: jax.Array
     mask_BST: jax.Array  # True where query s may see cached key t
 
 
@@ -158,7 +158,7 @@ def unstack_layers(params):
 class BlockStack(nn.Module):
     """`num_layers` sandwich blocks with stacked parameters [L, ...], run under nn.scan.
 
-    `past_kv` (decoding) is a pair of stacked caches [L, B, T, H, K]; the stack returns the new
+    `past_kv` (decoding) is a pair of stacked caches [L, B, H, T, K]; the stack returns the new
     keys/values of every layer stacked the same way. Parameters split by `unstack_layers` run as a
     Python loop over the layers instead.
     """

@@ -27,9 +27,11 @@ KV = tuple[jax.Array, jax.Array]
 
 @flax.struct.dataclass
 class KVCache:
-    prelude: KV  # (k, v), each [Lp, B, T, H, K]
-    core: KV  # (k, v), each [C, Lc, B, T, H, K]
-    coda: KV  # (k, v), each [Lk, B, T, H, K]
+    # Heads before positions, so that a query's dot products read each head's keys as stored (a
+    # [.., T, H, K] cache makes XLA transpose every layer's keys and values once per iteration).
+    prelude: KV  # (k, v), each [Lp, B, H, T, K]
+    core: KV  # (k, v), each [C, Lc, B, H, T, K]
+    coda: KV  # (k, v), each [Lk, B, H, T, K]
     depth: int = flax.struct.field(pytree_node=False)  # R: iterations of a full-depth token
 
     @classmethod
@@ -38,7 +40,7 @@ class KVCache:
         H, K, dtype = config.n_heads, config.head_dim, config.compute_dtype
 
         def zeros(*lead):
-            shape = (*lead, batch, length, H, K)
+            shape = (*lead, batch, H, length, K)
             return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
         return cls(
@@ -54,7 +56,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.core[0].shape[3]
+        return self.core[0].shape[4]
 
     @property
     def nbytes(self) -> int:
@@ -73,7 +75,7 @@ class KVCache:
         return jnp.broadcast_to(mask, (*positions_BS.shape, self.length))
 
     def core_slot(self, slot) -> KV:
-        """The stacked core-layer (k, v) of one iteration slot, [Lc, B, T, H, K] each."""
+        """The stacked core-layer (k, v) of one iteration slot, [Lc, B, H, T, K] each."""
         return tuple(jax.lax.dynamic_index_in_dim(x, slot, axis=0, keepdims=False) for x in self.core)
 
     def write_prelude(self, kv: KV, positions_BS) -> "KVCache":
@@ -84,9 +86,8 @@ class KVCache:
 
     def write_core(self, slot, kv: KV, positions_BS) -> "KVCache":
         """Writes one iteration's core (k, v) [Lc, B, S, H, K] into `slot` at each row's positions."""
-        L, B, S = kv[0].shape[:3]
-        index = (slot, jnp.arange(L)[:, None, None], jnp.arange(B)[None, :, None], positions_BS[None])
-        return self.replace(core=tuple(c.at[index].set(u, mode="drop") for c, u in zip(self.core, kv)))
+        index = (slot, *_layer_row_head_position(kv, positions_BS))
+        return self.replace(core=tuple(c.at[index].set(_heads_first(u), mode="drop") for c, u in zip(self.core, kv)))
 
     def fill_skipped(self, last_kv: KV, steps_B, positions_BS) -> "KVCache":
         """Copies each row's last core entry into the slots of the iterations it skipped.
@@ -94,21 +95,35 @@ class KVCache:
         Slot j finally holds iteration i_j, the last iteration below R with i_j = j mod C; a row that
         ran `steps` < R iterations did not compute i_j when i_j >= steps, so it gets the last entry.
         """
-        C, L, B = self.slots, *last_kv[0].shape[:2]
+        C = self.slots
         j_C = jnp.arange(C)
         last_iter_C = j_C + C * ((self.depth - 1 - j_C) // C)
         skipped_CB = last_iter_C[:, None] >= steps_B[None, :]
-        index = (slice(None), jnp.arange(L)[:, None, None], jnp.arange(B)[None, :, None], positions_BS[None])
+        index = (slice(None), *_layer_row_head_position(last_kv, positions_BS))
         new = []
         for c, u in zip(self.core, last_kv):
-            region = c.at[index].get(mode="fill", fill_value=0)  # [C, L, B, S, H, K]
-            region = jnp.where(skipped_CB[:, None, :, None, None, None], u[None], region)
+            region = c.at[index].get(mode="fill", fill_value=0)  # [C, L, B, H, S, K]
+            region = jnp.where(skipped_CB[:, None, :, None, None, None], _heads_first(u)[None], region)
             new.append(c.at[index].set(region, mode="drop"))
         return self.replace(core=tuple(new))
 
 
 def _write_stage(cache: KV, kv: KV, positions_BS) -> KV:
-    """Writes a stage's stacked (k, v) [L, B, S, H, K] at each row's positions of [L, B, T, H, K]."""
-    B = positions_BS.shape[0]
-    index = (slice(None), jnp.arange(B)[:, None], positions_BS)
-    return tuple(c.at[index].set(u, mode="drop") for c, u in zip(cache, kv))
+    """Writes a stage's stacked (k, v) [L, B, S, H, K] at each row's positions of [L, B, H, T, K]."""
+    index = _layer_row_head_position(kv, positions_BS)
+    return tuple(c.at[index].set(_heads_first(u), mode="drop") for c, u in zip(cache, kv))
+
+
+def _heads_first(x_LBSHK: jax.Array) -> jax.Array:
+    return x_LBSHK.swapaxes(2, 3)
+
+
+def _layer_row_head_position(kv: KV, positions_BS):
+    """Indices of the [L, B, H, S] entries that the layers' (k, v) [L, B, S, H, K] go to in a cache [.., L, B, H, T, K]."""
+    L, B, S, H = kv[0].shape[:4]
+    return (
+        jnp.arange(L)[:, None, None, None],
+        jnp.arange(B)[None, :, None, None],
+        jnp.arange(H)[None, None, :, None],
+        positions_BS[None, :, None, :],
+    )
