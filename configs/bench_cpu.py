@@ -43,5 +43,6 @@ def get_config():
     c.bench.prompt_len = 32  # generate: prompt tokens (batch 1).
     c.bench.new_tokens = 32  # generate: tokens generated after the prompt.
     c.bench.gen_num_steps = 16  # generate: core iterations per token (r).
+    c.bench.gen_repeats = 5  # generate: timed calls after the warm-up (the median is reported).
     c.bench.seed = 0  # Params, data and initial states.
     return c

@@ -9,8 +9,8 @@
 (rdlm.metrics.model_flops_per_token), achieved TFLOP/s, the peak of a large float32 matmul measured
 in the same process, MFU and the compiled step's memory. The step is the training update at a fixed
 depth: n iterations without gradient (a traced int, so one program serves every n) and k with
-gradient (static). `generate` times a second call of rdlm.sampling.generate (batch 1, greedy) after a
-warm-up call. `sweep` compiles and times the step at each n (k fixed) and prints a table and JSON."""
+gradient (static). `generate` times calls of rdlm.sampling.generate (batch 1, greedy) after a warm-up
+call and reports the median. `sweep` compiles and times the step at each n (k fixed) and prints a table and JSON."""
 
 import contextlib
 import json
@@ -191,7 +191,8 @@ def bench_train(
 
 
 def bench_generate(config, exit_spec: str = "") -> dict:
-    """Batch 1: a random prompt, greedy tokens at r = bench.gen_num_steps; a second call is timed."""
+    """Batch 1: a random prompt, greedy tokens at r = bench.gen_num_steps; after a warm-up call, the
+    median of bench.gen_repeats calls is reported."""
     from rdlm import sampling
 
     model_config = model_config_of(config)
@@ -210,20 +211,23 @@ def bench_generate(config, exit_spec: str = "") -> dict:
         exit_criterion=None if criterion is None else criterion.name,
         exit_threshold=None if criterion is None else criterion.threshold,
     )
+    if b.gen_repeats < 1:
+        raise ValueError(f"config.bench.gen_repeats={b.gen_repeats} must be >= 1.")
     times = []
-    for _ in range(2):
+    for _ in range(1 + b.gen_repeats):
         start = time.perf_counter()
         out = sampling.generate(model_config, params, prompt, **kwargs)
         jax.block_until_ready(out.tokens)
         times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[1:])
     steps_per_token = np.asarray(out.steps_per_token)[0]
     result = {
         "prompt_len": b.prompt_len,
         "new_tokens": b.new_tokens,
         "num_steps": b.gen_num_steps,
-        "compile_s": _sig(max(times[0] - times[1], 1e-6)),
-        "seconds": _sig(times[1]),
-        "new_tokens_per_s": _sig(b.new_tokens / times[1]),
+        "compile_s": _sig(max(times[0] - seconds, 1e-6)),
+        "seconds": _sig(seconds),
+        "new_tokens_per_s": _sig(b.new_tokens / seconds),
     }
     if criterion is not None:
         result.update(exit=f"{criterion.name}:{criterion.threshold}", mean_steps_per_token=_sig(steps_per_token.mean()))

@@ -33,7 +33,7 @@ def small_config():
     for key, value in SMALL.items():
         c.model[key] = value
     c.data.seq_len, c.train.batch_size, c.bench.warmup_steps = 16, 2, 1
-    c.bench.prompt_len, c.bench.new_tokens, c.bench.gen_num_steps = 6, 4, 3
+    c.bench.prompt_len, c.bench.new_tokens, c.bench.gen_num_steps, c.bench.gen_repeats = 6, 4, 3, 2
     return c
 
 
@@ -103,6 +103,11 @@ def test_generate_reports_speed_and_steps_per_token():
     assert result["new_tokens"] == 4
 
 
+def _with(config, **bench_fields):
+    config.bench.update(bench_fields)
+    return config
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -110,6 +115,7 @@ def test_generate_reports_speed_and_steps_per_token():
         (lambda c: bench.parse_num_steps("24"), "must be two non-negative integers N,K"),
         (lambda c: bench.parse_num_steps("a,8"), "must be two non-negative integers N,K"),
         (lambda c: bench.parse_num_steps("24,-1"), "must be two non-negative integers N,K"),
+        (lambda c: bench.bench_generate(_with(c, gen_repeats=0)), r"config.bench.gen_repeats=0 must be >= 1"),
     ],
 )
 def test_bad_arguments_get_one_clear_sentence(call, message):
