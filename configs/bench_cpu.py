@@ -23,7 +23,7 @@ def get_config():
         dtype="float32",
         param_dtype="float32",
         # Fastest on a 2-core CPU (docs/performance.md): matmul outputs are kept, only elementwise work is
-        # recomputed in the backward pass. The default, nothing_saveable, is about 20% slower here.
+        # recomputed in the backward pass. The default, nothing_saveable, is about 15% slower here.
         remat_policy="dots_saveable",
     )
     c.recurrence.mean = 32
