@@ -70,14 +70,14 @@ def test_an_exited_token_leaves_its_deepest_entry_in_skipped_slots(tiny):
     config, params, exp = tiny
     st = kl_run(config, params, exp["input_ids"][:1, :8], 0.01)
     steps = np.asarray(st.steps_BM)[0]
-    core_k = np.asarray(st.cache.core[0])  # [C, Lc, B, H, T, K]
+    core_k = np.asarray(st.cache.core[0])  # [C, Lc, B, H, K, T]
     exited = [(7 + t, int(e)) for t, e in enumerate(steps) if e < R]  # new token t: fed position 7 + t
     assert exited
     for p, e in exited:
         for j in range(e, R):
-            np.testing.assert_array_equal(core_k[j, :, 0, :, p], core_k[e - 1, :, 0, :, p])
+            np.testing.assert_array_equal(core_k[j, :, 0, ..., p], core_k[e - 1, :, 0, ..., p])
         if e > 1:
-            assert not np.array_equal(core_k[e - 1, :, 0, :, p], core_k[e - 2, :, 0, :, p])
+            assert not np.array_equal(core_k[e - 1, :, 0, ..., p], core_k[e - 2, :, 0, ..., p])
 
 
 def batch_prompts(exp):

@@ -40,14 +40,14 @@ class ReferenceDecoder:
         return min(i, ran - 1)
 
     def _past(self, entries, positions):
-        """Stacked (k, v) [L, 1, H, T, K] of `entries[q]` ([L, H, K]) for q in positions, zero-padded to T."""
+        """Stacked keys [L, 1, H, K, T] and values [L, 1, H, T, K] of `entries[q]` (each [L, H, K]) for q in
+        positions, zero-padded to T."""
         k0 = entries[positions[0]][0]
         L, H, K = k0.shape
-        out = [np.zeros((L, 1, H, self.T, K), k0.dtype) for _ in range(2)]
+        keys, values = np.zeros((L, 1, H, K, self.T), k0.dtype), np.zeros((L, 1, H, self.T, K), k0.dtype)
         for q in positions:
-            for x, e in zip(out, entries[q]):
-                x[:, 0, :, q] = e
-        return tuple(out)
+            keys[:, 0, :, :, q], values[:, 0, :, q] = entries[q]
+        return keys, values
 
     def _kl_exit(self, logits, prev, threshold):
         logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)))

@@ -61,7 +61,7 @@ def _xla_attention_with_past(q_BSHK, k_BSHK, v_BSHK, mask_BSS, past):
     scale = q_BSHK.shape[-1] ** -0.5
     logits_BHSS = jnp.einsum("bshk,bthk->bhst", q_BSHK, k_BSHK, preferred_element_type=jnp.float32) * scale
     logits_BHSS = jnp.where(mask_BSS[:, None], logits_BHSS, _MASKED)
-    past_BHST = jnp.einsum("bshk,bhtk->bhst", q_BSHK, past.k_BHTK, preferred_element_type=jnp.float32) * scale
+    past_BHST = jnp.einsum("bshk,bhkt->bhst", q_BSHK, past.k_BHKT, preferred_element_type=jnp.float32) * scale
     past_BHST = jnp.where(past.mask_BST[:, None], past_BHST, _MASKED)
     T = past_BHST.shape[-1]
     probs = jax.nn.softmax(jnp.concatenate([past_BHST, logits_BHSS], axis=-1), axis=-1).astype(v_BSHK.dtype)

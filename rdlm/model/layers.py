@@ -64,7 +64,7 @@ def apply_rope(x_BSHK: jax.Array, cos_BSk: jax.Array, sin_BSk: jax.Array) -> jax
 class PastKV(NamedTuple):
     """Cached keys/values a query block attends to besides itself (decoding), with their mask."""
 
-    k_BHTK: jax.Array
+    k_BHKT: jax.Array  # keys as columns, the layout the query's matmul reads without a transpose
     v_BHTK: jax.Array
     mask_BST: jax.Array  # True where query s may see cached key t
 
@@ -158,9 +158,9 @@ def unstack_layers(params):
 class BlockStack(nn.Module):
     """`num_layers` sandwich blocks with stacked parameters [L, ...], run under nn.scan.
 
-    `past_kv` (decoding) is a pair of stacked caches [L, B, H, T, K]; the stack returns the new
-    keys/values of every layer stacked the same way. Parameters split by `unstack_layers` run as a
-    Python loop over the layers instead.
+    `past_kv` (decoding) is the cached (keys [L, B, H, K, T], values [L, B, H, T, K]), stacked or
+    as sequences of L per-layer arrays; the stack returns the new keys/values [L, B, S, H, K] of
+    every layer. Parameters split by `unstack_layers` run as a Python loop over the layers instead.
     """
 
     config: ModelConfig
@@ -177,6 +177,8 @@ class BlockStack(nn.Module):
                                                                           past_mask)
                 kvs.append(kv)
             return x_BSD, tuple(jnp.stack(x) for x in zip(*kvs))
+        if past_kv is not None:
+            past_kv = tuple(jnp.stack(x) if isinstance(x, (tuple, list)) else x for x in past_kv)
         block = SandwichBlock
         if self.remat:
             block = nn.remat(block, policy=remat_policy(self.config.remat_policy), prevent_cse=False)

@@ -23,15 +23,17 @@ import jax.numpy as jnp
 from rdlm.model.config import ModelConfig
 
 KV = tuple[jax.Array, jax.Array]
+LayerKVs = tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]  # (keys, values), one array per layer
 
 
 @flax.struct.dataclass
 class KVCache:
-    # Heads before positions, so that a query's dot products read each head's keys as stored (a
-    # [.., T, H, K] cache makes XLA transpose every layer's keys and values once per iteration).
-    prelude: KV  # (k, v), each [Lp, B, H, T, K]
-    core: KV  # (k, v), each [C, Lc, B, H, T, K]
-    coda: KV  # (k, v), each [Lk, B, H, T, K]
+    # Laid out for the attention matmuls of one query, so that XLA reads the cache as stored instead
+    # of transposing every layer's keys and values on every iteration: heads first, keys as [K, T]
+    # columns, values as [T, K] rows.
+    prelude: KV  # keys [Lp, B, H, K, T], values [Lp, B, H, T, K]
+    core: KV  # keys [C, Lc, B, H, K, T], values [C, Lc, B, H, T, K]
+    coda: KV  # keys [Lk, B, H, K, T], values [Lk, B, H, T, K]
     depth: int = flax.struct.field(pytree_node=False)  # R: iterations of a full-depth token
 
     @classmethod
@@ -40,8 +42,7 @@ class KVCache:
         H, K, dtype = config.n_heads, config.head_dim, config.compute_dtype
 
         def zeros(*lead):
-            shape = (*lead, batch, H, length, K)
-            return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+            return jnp.zeros((*lead, batch, H, K, length), dtype), jnp.zeros((*lead, batch, H, length, K), dtype)
 
         return cls(
             prelude=zeros(config.n_layers_in_prelude),
@@ -56,7 +57,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.core[0].shape[4]
+        return self.core[0].shape[-1]
 
     @property
     def nbytes(self) -> int:
@@ -74,9 +75,12 @@ class KVCache:
             mask &= positions_BS[:, :, None] - t_T[None, None, :] < window
         return jnp.broadcast_to(mask, (*positions_BS.shape, self.length))
 
-    def core_slot(self, slot) -> KV:
-        """The stacked core-layer (k, v) of one iteration slot, [Lc, B, H, T, K] each."""
-        return tuple(jax.lax.dynamic_index_in_dim(x, slot, axis=0, keepdims=False) for x in self.core)
+    def core_slot(self, slot) -> LayerKVs:
+        """Each core layer's (keys, values) of one iteration slot, as per-layer arrays.
+
+        Read layer by layer: a stacked read would be copied once more and then sliced per layer.
+        """
+        return tuple(tuple(x[slot, layer] for layer in range(x.shape[1])) for x in self.core)
 
     def write_prelude(self, kv: KV, positions_BS) -> "KVCache":
         return self.replace(prelude=_write_stage(self.prelude, kv, positions_BS))
@@ -86,8 +90,7 @@ class KVCache:
 
     def write_core(self, slot, kv: KV, positions_BS) -> "KVCache":
         """Writes one iteration's core (k, v) [Lc, B, S, H, K] into `slot` at each row's positions."""
-        index = (slot, *_layer_row_head_position(kv, positions_BS))
-        return self.replace(core=tuple(c.at[index].set(_heads_first(u), mode="drop") for c, u in zip(self.core, kv)))
+        return self.replace(core=_write(self.core, kv, positions_BS, (slot,)))
 
     def fill_skipped(self, last_kv: KV, steps_B, positions_BS) -> "KVCache":
         """Copies each row's last core entry into the slots of the iterations it skipped.
@@ -99,31 +102,31 @@ class KVCache:
         j_C = jnp.arange(C)
         last_iter_C = j_C + C * ((self.depth - 1 - j_C) // C)
         skipped_CB = last_iter_C[:, None] >= steps_B[None, :]
-        index = (slice(None), *_layer_row_head_position(last_kv, positions_BS))
         new = []
-        for c, u in zip(self.core, last_kv):
-            region = c.at[index].get(mode="fill", fill_value=0)  # [C, L, B, H, S, K]
-            region = jnp.where(skipped_CB[:, None, :, None, None, None], _heads_first(u)[None], region)
+        for c, (index, u) in zip(self.core, _indexed_updates(last_kv, positions_BS, (slice(None),))):
+            region = c.at[index].get(mode="fill", fill_value=0)  # [C, *u.shape]
+            region = jnp.where(skipped_CB[:, None, :, None, None, None], u[None], region)
             new.append(c.at[index].set(region, mode="drop"))
         return self.replace(core=tuple(new))
 
 
 def _write_stage(cache: KV, kv: KV, positions_BS) -> KV:
-    """Writes a stage's stacked (k, v) [L, B, S, H, K] at each row's positions of [L, B, H, T, K]."""
-    index = _layer_row_head_position(kv, positions_BS)
-    return tuple(c.at[index].set(_heads_first(u), mode="drop") for c, u in zip(cache, kv))
+    """Writes a stage's stacked (k, v) [L, B, S, H, K] at each row's positions."""
+    return _write(cache, kv, positions_BS, ())
 
 
-def _heads_first(x_LBSHK: jax.Array) -> jax.Array:
-    return x_LBSHK.swapaxes(2, 3)
+def _write(cache: KV, kv: KV, positions_BS, lead: tuple) -> KV:
+    return tuple(c.at[index].set(u, mode="drop") for c, (index, u) in zip(cache, _indexed_updates(kv, positions_BS, lead)))
 
 
-def _layer_row_head_position(kv: KV, positions_BS):
-    """Indices of the [L, B, H, S] entries that the layers' (k, v) [L, B, S, H, K] go to in a cache [.., L, B, H, T, K]."""
-    L, B, S, H = kv[0].shape[:4]
-    return (
-        jnp.arange(L)[:, None, None, None],
-        jnp.arange(B)[None, :, None, None],
-        jnp.arange(H)[None, None, :, None],
-        positions_BS[None, :, None, :],
-    )
+def _indexed_updates(kv: KV, positions_BS, lead: tuple):
+    """For the layers' (k, v) [L, B, S, H, K]: each one's cache index (after the `lead` indices) and
+    its entries in the cache's order, keys [L, B, H, K, S] and values [L, B, H, S, K]."""
+    L, B, S, H, K = kv[0].shape
+    layer = jnp.arange(L)[:, None, None, None, None]
+    row = jnp.arange(B)[None, :, None, None, None]
+    head = jnp.arange(H)[None, None, :, None, None]
+    feature = jnp.arange(K)[None, None, None, :, None]
+    key_index = (*lead, layer, row, head, feature, positions_BS[None, :, None, None, :])
+    value_index = (*lead, layer[..., 0], row[..., 0], head[..., 0], positions_BS[None, :, None, :])
+    return (key_index, kv[0].transpose(0, 1, 3, 4, 2)), (value_index, kv[1].swapaxes(2, 3))
