@@ -337,4 +337,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, FLAGS, usage=__doc__)
+    cli.run(main, FLAGS, usage=__doc__, huge_pages=True)

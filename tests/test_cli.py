@@ -1,6 +1,9 @@
 """The entry points share one process without clashing flags, and parse bad input into one sentence."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -44,3 +47,13 @@ def test_library_info_is_dropped_but_warnings_and_our_info_are_kept():
     assert not keep(record("/site-packages/orbax/checkpoint/atomicity.py", logging.INFO))
     assert keep(record("/site-packages/orbax/checkpoint/atomicity.py", logging.WARNING))
     assert keep(record("/work/main/rdlm/train.py", logging.INFO))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the huge-pages restart is Linux-only (a glibc tunable)")
+@pytest.mark.parametrize("switch, expected", [("1", cli.HUGE_PAGES_TUNABLE), ("0", "None")])
+def test_restart_with_huge_pages_sets_the_tunable_once(switch, expected):
+    script = "import os; from rdlm import cli; cli.restart_with_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'))"
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"RDLM_HUGE_PAGES": switch}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
