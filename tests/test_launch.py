@@ -211,8 +211,10 @@ def test_local_failure_of_one_process_stops_the_others_and_is_returned(tmp_path)
     python = tmp_path / "python"
     python.write_text(
         "#!/usr/bin/env bash\n"
-        f'case "$*" in *process_id=1*) exit 3 ;; esac\n'
-        f"trap 'echo stopped > {tmp_path}/stopped; exit 0' TERM\nwhile :; do sleep 0.1; done\n"
+        # Process 1 fails only after process 0 has had time to install its TERM handler.
+        f"trap 'echo stopped > {tmp_path}/stopped; exit 0' TERM\n"
+        f'case "$*" in *process_id=1*) sleep 1; exit 3 ;; esac\n'
+        "while :; do sleep 0.1; done\n"
     )
     python.chmod(0o755)
     start = time.time()
