@@ -83,10 +83,10 @@ class KVCache:
         return tuple(tuple(x[slot, layer] for layer in range(x.shape[1])) for x in self.core)
 
     def write_prelude(self, kv: KV, positions_BS) -> "KVCache":
-        return self.replace(prelude=_write_stage(self.prelude, kv, positions_BS))
+        return self.replace(prelude=_write(self.prelude, kv, positions_BS))
 
     def write_coda(self, kv: KV, positions_BS) -> "KVCache":
-        return self.replace(coda=_write_stage(self.coda, kv, positions_BS))
+        return self.replace(coda=_write(self.coda, kv, positions_BS))
 
     def write_core(self, slot, kv: KV, positions_BS) -> "KVCache":
         """Writes one iteration's core (k, v) [Lc, B, S, H, K] into `slot` at each row's positions."""
@@ -110,12 +110,8 @@ class KVCache:
         return self.replace(core=tuple(new))
 
 
-def _write_stage(cache: KV, kv: KV, positions_BS) -> KV:
-    """Writes a stage's stacked (k, v) [L, B, S, H, K] at each row's positions."""
-    return _write(cache, kv, positions_BS, ())
-
-
-def _write(cache: KV, kv: KV, positions_BS, lead: tuple) -> KV:
+def _write(cache: KV, kv: KV, positions_BS, lead: tuple = ()) -> KV:
+    """Writes the layers' (k, v) [L, B, S, H, K] at each row's positions, below the `lead` indices (a core slot)."""
     return tuple(c.at[index].set(u, mode="drop") for c, (index, u) in zip(cache, _indexed_updates(kv, positions_BS, lead)))
 
 
