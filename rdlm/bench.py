@@ -12,6 +12,12 @@ depth: n iterations without gradient (a traced int, so one program serves every 
 gradient (static). `generate` times calls of rdlm.sampling.generate (batch 1, greedy) after a warm-up
 call and reports the median. `sweep` compiles and times the step at each n (k fixed) and prints a table and JSON."""
 
+# ruff: noqa: E402 (the huge-pages restart runs before the heavy imports, so that they load once)
+from rdlm import cli
+
+if __name__ == "__main__":
+    cli.restart_with_huge_pages()
+
 import contextlib
 import json
 import math
@@ -27,7 +33,7 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from rdlm import cli, metrics, optim, perf, sharding, state as state_lib, steps
+from rdlm import metrics, optim, perf, sharding, state as state_lib, steps
 from rdlm.model import ModelConfig, RecurrentLM
 
 SUBCOMMANDS = ("train", "generate", "sweep")
@@ -337,4 +343,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, FLAGS, usage=__doc__, huge_pages=True)
+    cli.run(main, FLAGS, usage=__doc__)

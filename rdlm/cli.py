@@ -98,6 +98,7 @@ def restart_with_huge_pages() -> None:
     XLA CPU allocates a step's temporaries afresh on every call; with 4 KB pages each step faults
     hundreds of MB back in (docs/performance.md: the bench_cpu train step is about 10% faster with
     huge pages). Skipped off Linux, when GLIBC_TUNABLES is already set, and with RDLM_HUGE_PAGES=0.
+    Entry points call it before their heavy imports, so the first process only loads absl.
     """
     if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("RDLM_HUGE_PAGES") == "0":
         return
@@ -111,13 +112,7 @@ def run(
     flag_values: flags.FlagValues,
     usage: str = "",
     required: Mapping[str, str] | None = None,
-    huge_pages: bool = False,
 ) -> None:
-    """`absl.app.run(main)` with `flag_values` parsed by `parse_flags`, and library INFO logs dropped.
-
-    `huge_pages` first restarts the process with huge pages for malloc (`restart_with_huge_pages`).
-    """
-    if huge_pages:
-        restart_with_huge_pages()
+    """`absl.app.run(main)` with `flag_values` parsed by `parse_flags`, and library INFO logs dropped."""
     absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
     app.run(main, flags_parser=functools.partial(parse_flags, flag_values=flag_values, usage=usage, required=required))

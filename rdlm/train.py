@@ -6,6 +6,12 @@ optimizer and data-iterator state), trains to `train.num_steps`, saving every
 accuracy and validation loss against test-time r.
 """
 
+# ruff: noqa: E402 (the huge-pages restart runs before the heavy imports, so that they load once)
+from rdlm import cli
+
+if __name__ == "__main__":
+    cli.restart_with_huge_pages()
+
 import dataclasses
 import os
 import signal
@@ -20,7 +26,7 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from rdlm import checkpoint, checkpoint_io, cli, evaluate, metrics, optim, perf, sharding, state as state_lib, steps
+from rdlm import checkpoint, checkpoint_io, evaluate, metrics, optim, perf, sharding, state as state_lib, steps
 from rdlm.data import pipeline
 from rdlm.data import tokenizer as tokenizer_lib
 from rdlm.model import ModelConfig, RecurrentLM
@@ -305,4 +311,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, FLAGS, usage=__doc__, required={"config": "configs/tiny.py", "workdir": "runs/tiny"}, huge_pages=True)
+    cli.run(main, FLAGS, usage=__doc__, required={"config": "configs/tiny.py", "workdir": "runs/tiny"})

@@ -57,3 +57,27 @@ def test_restart_with_huge_pages_sets_the_tunable_once(switch, expected):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == expected
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the huge-pages restart is Linux-only (a glibc tunable)")
+@pytest.mark.parametrize("entry", ["rdlm.train", "rdlm.bench"])
+def test_entry_points_restart_once_before_importing_jax(entry, tmp_path):
+    """Each interpreter start and the restart itself are recorded by a sitecustomize hook."""
+    log = tmp_path / "starts.txt"
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        f"LOG = {str(log)!r}\n"
+        "with open(LOG, 'a') as f:\n"
+        "    f.write(f\"start {os.environ.get('GLIBC_TUNABLES')}\\n\")\n"
+        "_execve = os.execve\n"
+        "def execve(*args):\n"
+        "    with open(LOG, 'a') as f:\n"
+        "        f.write(f\"restart jax_loaded={'jax' in sys.modules}\\n\")\n"
+        "    _execve(*args)\n"
+        "os.execve = execve\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RDLM_HUGE_PAGES")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", entry, "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().splitlines() == ["start None", "restart jax_loaded=False", f"start {cli.HUGE_PAGES_TUNABLE}"]
