@@ -143,6 +143,27 @@ def _attention_and_grads(impl, window, inputs):
     return jax.jit(f)(q, k, v), grads
 
 
+def _dense_softmax_attention(q, k, v, segments, window):
+    """Softmax attention over the whole [S, S] mask, differentiated by JAX: the reference for the XLA path."""
+    mask = attention.self_mask(segments, window)[:, None]
+    logits = jnp.einsum("bshk,bthk->bhst", q, k) * q.shape[-1] ** -0.5
+    return jnp.einsum("bhst,bthk->bshk", jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1), v)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_blocked_xla_attention_equals_dense_attention_with_gradients(window):
+    """Four query blocks against one [S, S] softmax, with two documents and padding rows."""
+    inputs = _attention_inputs(S=256)
+    q, k, v, g, segments = inputs
+    want = _dense_softmax_attention(q, k, v, segments, window)
+    want_grads = jax.grad(lambda q, k, v: jnp.sum(_dense_softmax_attention(q, k, v, segments, window) * g),
+                          argnums=(0, 1, 2))(q, k, v)
+    got, got_grads = _attention_and_grads("xla", window, inputs)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(a, b, atol=5e-6)
+
+
 @pytest.mark.parametrize("window", [None, 7])
 def test_splash_equals_xla_with_segments_and_window(window):
     """TPU splash attention, in Pallas interpret mode on CPU: same outputs and gradients as the XLA path."""
