@@ -102,7 +102,7 @@ def restart_with_huge_pages() -> None:
     """
     if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or os.environ.get("RDLM_HUGE_PAGES") == "0":
         return
-    if not getattr(sys, "orig_argv", None):
+    if not sys.orig_argv:  # an embedded interpreter has no command line to restart
         return
     os.execve(sys.executable, sys.orig_argv, dict(os.environ, GLIBC_TUNABLES=HUGE_PAGES_TUNABLE))
 
