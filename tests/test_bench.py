@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
-from rdlm import bench, metrics
+from rdlm import bench, metrics, perf
 from rdlm.model import ModelConfig, attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -210,3 +211,10 @@ def test_cudnn_without_a_gpu_is_one_clear_sentence():
     q, k, v, _, segments = _attention_inputs()
     with pytest.raises(ValueError, match="model.attention_impl='cudnn' needs a GPU"):
         attention.attend(q, k, v, segments, None, None, "cudnn")
+
+
+def test_peak_is_measured_under_a_multi_device_training_mesh():
+    """rdlm.train measures the peak (log.peak_tflops = 0, the default) inside its mesh's context."""
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        assert perf.measure_peak_tflops(size=256, repeats=1) > 0
