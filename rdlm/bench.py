@@ -335,11 +335,8 @@ def run(command: str, config) -> None:
 
 def main(argv):
     if len(argv) != 2:
-        sys.exit(f"error: give one subcommand, one of {', '.join(SUBCOMMANDS)}; got {argv[1:] or 'none'}.")
-    try:
-        run(argv[1], _CONFIG.value)
-    except (ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        cli.fail(f"give one subcommand, one of {', '.join(SUBCOMMANDS)}; got {argv[1:] or 'none'}.")
+    run(argv[1], _CONFIG.value)
 
 
 if __name__ == "__main__":

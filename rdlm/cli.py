@@ -1,7 +1,9 @@
 """Command-line parsing shared by the entry points: absl flags with one-sentence errors.
 
 Every entry point owns its flags in its own `flags.FlagValues`, so importing several of them into
-one process (a test run, a notebook) never defines a flag twice.
+one process (a test run, a notebook) never defines a flag twice. Every expected failure (bad input
+that the user can fix) ends the process with one line `error: ...` on stderr and exit code 2; a bug
+still shows its traceback.
 """
 
 import functools
@@ -13,6 +15,21 @@ from collections.abc import Callable, Mapping
 
 from absl import app, flags
 from absl import logging as absl_logging
+
+# The exit status of every expected failure (bad flag, bad config, bad file, bad data).
+USAGE_ERROR = 2
+# Exceptions an entry point's `main` raises for input the user can fix; `run` turns them into one sentence.
+EXPECTED_ERRORS = (
+    ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+    FloatingPointError,
+)
+
+
+def fail(message: str) -> None:
+    """Ends the process with `error: message` on stderr and exit code 2."""
+    message = " ".join(str(message).split())
+    print(message if message.startswith("error: ") else f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_ERROR)
 
 
 def _config_file(argv) -> str | None:
@@ -69,11 +86,11 @@ def parse_flags(
         except Exception:
             unknown = None
         if unknown:
-            sys.exit(f"error: --config.{unknown} is not a config field; see configs/base.py for the fields.")
-        sys.exit(f"error: bad command line ({type(e).__name__}: {e}).")
+            fail(f"--config.{unknown} is not a config field; see configs/base.py for the fields.")
+        fail(f"bad command line ({type(e).__name__}: {e}).")
     for name, example in (required or {}).items():
         if flag_values[name].value is None:
-            sys.exit(f"error: --{name} is required, e.g. --{name}={example}.")
+            fail(f"--{name} is required, e.g. --{name}={example}.")
     if not flags.FLAGS.is_parsed():  # absl's own flags (logging, grain workers) read the global set.
         flags.FLAGS(argv[:1])
     return remaining
@@ -107,12 +124,29 @@ def restart_with_huge_pages() -> None:
     os.execve(sys.executable, sys.orig_argv, dict(os.environ, GLIBC_TUNABLES=HUGE_PAGES_TUNABLE))
 
 
+def expected_failures(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
+    """`main` with every exception of EXPECTED_ERRORS turned into `fail(its message)`."""
+
+    @functools.wraps(main)
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except EXPECTED_ERRORS as e:
+            fail(str(e) or type(e).__name__)
+
+    return wrapped
+
+
 def run(
     main: Callable[[list[str]], object],
     flag_values: flags.FlagValues,
     usage: str = "",
     required: Mapping[str, str] | None = None,
 ) -> None:
-    """`absl.app.run(main)` with `flag_values` parsed by `parse_flags`, and library INFO logs dropped."""
+    """`absl.app.run(main)` with `flag_values` parsed by `parse_flags`, library INFO logs dropped, and the
+    expected failures of `main` (EXPECTED_ERRORS) ending in one sentence and exit code 2."""
     absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
-    app.run(main, flags_parser=functools.partial(parse_flags, flag_values=flag_values, usage=usage, required=required))
+    app.run(
+        expected_failures(main),
+        flags_parser=functools.partial(parse_flags, flag_values=flag_values, usage=usage, required=required),
+    )

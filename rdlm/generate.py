@@ -9,7 +9,6 @@ tokenizer.json otherwise; --chat applies huginn's chat template).
 """
 
 import dataclasses
-import sys
 import time
 
 from absl import flags
@@ -156,33 +155,30 @@ def generate_text(
 
 def main(argv):
     if len(argv) > 1:
-        sys.exit(f'rdlm.generate: unexpected arguments {argv[1:]}; pass --prompt="...".')
-    try:
-        g = generate_text(
-            _CHECKPOINT.value,
-            _PROMPT.value,
-            sampler=_SAMPLER.value,
-            num_steps=_NUM_STEPS.value,
-            exit=_EXIT.value,
-            max_new_tokens=_MAX_NEW.value,
-            temperature=_TEMPERATURE.value,
-            top_k=_TOP_K.value,
-            top_p=_TOP_P.value,
-            min_p=_MIN_P.value,
-            chat=_CHAT.value,
-            init_scale=_INIT_SCALE.value,
-            seed=_SEED.value,
-            kv_share=_KV_SHARE.value,
-            min_steps=_MIN_STEPS.value,
-            continuous=_CONTINUOUS.value,
-            draft_steps=_DRAFT_STEPS.value,
-            lookahead=_LOOKAHEAD.value,
-            inner_steps=_INNER_STEPS.value,
-            freeze_threshold=_FREEZE.value,
-            tokenizer=_TOKENIZER.value,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"rdlm.generate: {e}")
+        cli.fail(f'unexpected arguments {argv[1:]}; pass --prompt="...".')
+    g = generate_text(
+        _CHECKPOINT.value,
+        _PROMPT.value,
+        sampler=_SAMPLER.value,
+        num_steps=_NUM_STEPS.value,
+        exit=_EXIT.value,
+        max_new_tokens=_MAX_NEW.value,
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+        min_p=_MIN_P.value,
+        chat=_CHAT.value,
+        init_scale=_INIT_SCALE.value,
+        seed=_SEED.value,
+        kv_share=_KV_SHARE.value,
+        min_steps=_MIN_STEPS.value,
+        continuous=_CONTINUOUS.value,
+        draft_steps=_DRAFT_STEPS.value,
+        lookahead=_LOOKAHEAD.value,
+        inner_steps=_INNER_STEPS.value,
+        freeze_threshold=_FREEZE.value,
+        tokenizer=_TOKENIZER.value,
+    )
     print(g.text)
     mean = sum(g.steps_per_token) / max(len(g.steps_per_token), 1)
     print(

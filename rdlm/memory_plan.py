@@ -172,7 +172,7 @@ def _mesh_shape(text: str, num_axes: int) -> tuple[int, ...]:
 def _reexec_with_devices(n: int) -> None:
     """Replaces this process with one that sees `n` fake CPU devices (XLA_FLAGS is read at start-up)."""
     if os.environ.get(_REEXEC_ENV) == str(n):
-        sys.exit(f"error: asked for {n} fake CPU devices but got {jax.device_count()}; check XLA_FLAGS.")
+        cli.fail(f"asked for {n} fake CPU devices but got {jax.device_count()}; check XLA_FLAGS.")
     xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     xla_flags = f"{xla_flags} --xla_force_host_platform_device_count={n}".strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, **{_REEXEC_ENV: str(n)})
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> None:
             config.mesh.shape = _mesh_shape(FLAGS.mesh, len(config.mesh.axis_names))
         result = plan(config, jax.devices()[:wanted], FLAGS.per_device_batch)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        cli.fail(str(e))
     config_file = config_flags.get_config_filename(FLAGS["config"])
     print(json.dumps(result) if FLAGS.json else format_plan(result, config_file), flush=True)
 

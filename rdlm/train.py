@@ -306,8 +306,6 @@ def main(argv):
     except Preempted as e:
         logging.warning("%s", e)
         sys.exit(0)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_bad_arguments_get_one_clear_sentence(call, message):
 def test_cli_error_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "rdlm.bench", "train", "--num_steps=8"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --num_steps='8' must be two non-negative integers")
 
 

@@ -19,22 +19,40 @@ def test_entry_points_import_together_with_their_own_flags():
     assert "tokenizer" in modules[1].FLAGS and "tokenizer" in modules[4].FLAGS
 
 
-def test_missing_required_flag_is_one_sentence():
+def test_missing_required_flag_is_one_sentence(capsys):
     generate = importlib.import_module("rdlm.generate")
     try:
         with pytest.raises(SystemExit) as exit_:
             cli.parse_flags(["rdlm.generate", "--prompt=x"], generate.FLAGS, required={"checkpoint": "runs/tiny"})
     finally:
         generate.FLAGS.unparse_flags()
-    assert exit_.value.code == "error: --checkpoint is required, e.g. --checkpoint=runs/tiny."
+    assert exit_.value.code == cli.USAGE_ERROR == 2
+    assert capsys.readouterr().err == "error: --checkpoint is required, e.g. --checkpoint=runs/tiny.\n"
 
 
-def test_unknown_flag_is_one_sentence():
+def test_unknown_flag_is_one_sentence(capsys):
     generate = importlib.import_module("rdlm.generate")
     with pytest.raises(SystemExit) as exit_:
         cli.parse_flags(["rdlm.generate", "--num_stepz=3"], generate.FLAGS)
-    message = str(exit_.value.code)
-    assert message.startswith("error: bad command line") and "num_stepz" in message and "\n" not in message
+    message = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert message.startswith("error: bad command line") and "num_stepz" in message and message.count("\n") == 1
+
+
+def test_expected_failures_are_one_sentence_and_exit_2_but_bugs_keep_their_traceback(capsys):
+    def bad_input(argv):
+        raise FileNotFoundError("Checkpoint path /nope does not exist.\nSecond line.")
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.expected_failures(bad_input)([])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: Checkpoint path /nope does not exist. Second line.\n"
+
+    def bug(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        cli.expected_failures(bug)([])
 
 
 def test_library_info_is_dropped_but_warnings_and_our_info_are_kept():

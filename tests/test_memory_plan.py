@@ -98,7 +98,7 @@ def _cli(*args, timeout=600):
 def test_more_devices_than_present_reexecs_onto_fake_cpu_devices():
     # One real CPU device here; the error names the 4 devices that only the re-executed process has.
     out = _cli("--config=configs/tiny.py", "--devices=4", "--mesh=3,1,1")
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         "error: mesh.shape=(3, 1, 1) has 3 devices but 4 are present; make the product match or use -1 for one axis."
     )

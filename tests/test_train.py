@@ -100,7 +100,7 @@ def test_unknown_config_key_on_the_command_line(tmp_path):
         [sys.executable, "-m", "rdlm.train", "--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.nope=1"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: --config.train.nope is not a config field; see configs/base.py for the fields."
 
 

@@ -12,7 +12,6 @@ saved as `tokenizer.model` beside the shards. Then train with `data.source='arra
 import itertools
 import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 
 from absl import flags
@@ -117,18 +116,15 @@ _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSONL field holding the
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    try:
-        meta = prepare(
-            _INPUT.value,
-            _OUTPUT_DIR.value,
-            tokenizer=_TOKENIZER.value,
-            vocab_size=_VOCAB_SIZE.value,
-            num_shards=_NUM_SHARDS.value,
-            text_field=_TEXT_FIELD.value,
-            tokenizer_train_mb=_TRAIN_MB.value,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"rdlm.data.prepare: {e}")
+    meta = prepare(
+        _INPUT.value,
+        _OUTPUT_DIR.value,
+        tokenizer=_TOKENIZER.value,
+        vocab_size=_VOCAB_SIZE.value,
+        num_shards=_NUM_SHARDS.value,
+        text_field=_TEXT_FIELD.value,
+        tokenizer_train_mb=_TRAIN_MB.value,
+    )
     print(
         f"Wrote {meta['num_documents']} documents, {meta['num_tokens']} tokens, "
         f"vocab {meta['vocab_size']} to {_OUTPUT_DIR.value}"

@@ -239,7 +239,7 @@ def main(argv: list[str]) -> int:
             save_hf_checkpoint(config, params, dst, dtype=options.get("dtype"))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {dst}")
     return 0
 
