@@ -75,7 +75,7 @@ def test_orbax_converters_round_trip(huginn_tiny_dir, tmp_path):
 
 def test_converter_refuses_to_overwrite(huginn_tiny_dir, tmp_path, capsys):
     (tmp_path / "exists").mkdir()
-    assert huginn.main(["to-orbax", str(huginn_tiny_dir / "checkpoint"), str(tmp_path / "exists")]) == 1
+    assert huginn.main(["to-orbax", str(huginn_tiny_dir / "checkpoint"), str(tmp_path / "exists")]) == 2
     assert "already exists" in capsys.readouterr().err
 
 
