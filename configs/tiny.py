@@ -16,12 +16,12 @@ def get_config():
     c = base.get_config()
     c.model = base.model_section(
         "tiny", vocab_size=512, n_embd=64, n_heads=4, intermediate_size=128, block_size=128,
-        n_layers_in_prelude=1, n_layers_in_recurrent_block=1, n_layers_in_coda=1, attention_window=2,
+        n_layers_in_prelude=1, n_layers_in_recurrent_block=1, n_layers_in_coda=1,
     )
     c.recurrence.mean = 8  # mean training r is 9 (r = Poisson + 1)
     c.recurrence.backprop = 4
 
-    c.train.num_steps = 800  # the scan appears between steps 200 and 400: a 2x margin
+    c.train.num_steps = 1100
     c.train.batch_size = 32
 
     c.optim.name = "adamw"
@@ -34,10 +34,10 @@ def get_config():
 
     c.data.seq_len = 128
     c.data.builtin.vocab_size = 512
-    c.data.builtin.tasks = "parity"
+    c.data.builtin.tasks = "parity,s3"
     c.data.builtin.task_fraction = 0.75  # of training tokens; the rest is stdlib code
-    c.data.builtin.difficulties = tuple(range(1, 9))  # bits per training problem
-    c.data.builtin.heldout_difficulties = tuple(range(1, 33))  # 9-32 bits: longer than any training string
+    c.data.builtin.difficulties = 2 * tuple(range(1, 9)) + tuple(range(9, 17))  # 1-8 weighted twice
+    c.data.builtin.heldout_difficulties = tuple(range(1, 33))  # 17-32: longer than any training string
     c.data.builtin.heldout_problems = 1024
     c.data.builtin.code_max_mb = 2.0  # ~1M code tokens: more than 800 steps use, and a 5 s build
     c.data.eval_batches = 4
