@@ -43,7 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.num_steps = 1000  # Optimizer steps.
     c.train.seed = 0  # Seeds init, the recurrence draws, the initial states and the data order.
     c.train.batch_size = 32  # Global sequences per optimizer step (over all processes and micro-batches).
-    c.train.grad_accum_steps = 1  # Micro-batches per optimizer step (same r for all of them).
+    # Sequences per data-parallel device per micro-batch (MaxText's per_device_batch_size); 0 = not set.
+    # When set, train.grad_accum_steps = batch_size / (per_device_batch x the mesh's data-parallel ways).
+    c.train.per_device_batch = 0
+    c.train.grad_accum_steps = 0  # Micro-batches per optimizer step (same r for all); 0 = derive (1 if unset).
     c.train.time_budget_minutes = 0.0  # > 0: stop training after this long (checkpoint, then evaluate).
 
     c.optim = ml_collections.ConfigDict()

@@ -34,7 +34,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from rdlm import metrics, optim, perf, sharding, state as state_lib, steps
-from rdlm.model import ModelConfig, RecurrentLM
+from rdlm.model import RecurrentLM
+from rdlm.program import model_config_from
 
 SUBCOMMANDS = ("train", "generate", "sweep")
 TRAIN_KEYS = (
@@ -65,13 +66,6 @@ def parse_num_steps(text: str) -> tuple[int, int]:
             f"--num_steps={text!r} must be two non-negative integers N,K (iterations without and with gradient), e.g. 24,8."
         )
     return n, k
-
-
-def model_config_of(config) -> ModelConfig:
-    """`config.model` with the recurrence of `config.recurrence` (as the training entry point builds it)."""
-    return ModelConfig(
-        **config.model.to_dict(), mean_recurrence=config.recurrence.mean, mean_backprop_depth=config.recurrence.backprop
-    )
 
 
 def synthetic_batch(config, rng) -> dict:
@@ -108,7 +102,7 @@ class TrainBench:
 
     def __init__(self, config, k: int):
         self.config, self.k = config, k
-        self.model_config = model_config_of(config)
+        self.model_config = model_config_from(config)
         self.model = RecurrentLM(self.model_config)
         self.tx = optim.make_optimizer(config, accumulate=False)
         self.mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
@@ -201,7 +195,7 @@ def bench_generate(config, exit_spec: str = "") -> dict:
     median of bench.gen_repeats calls is reported."""
     from rdlm import sampling
 
-    model_config = model_config_of(config)
+    model_config = model_config_from(config)
     b = config.bench
     rng = jax.random.key(b.seed)
     ids = jnp.zeros((1, b.prompt_len), jnp.int32)

@@ -1,17 +1,39 @@
-"""Training checkpoints: one Orbax step holds params, optimizer state, data-iterator state and config.
+"""What a training run saves: its tokenizer, and Orbax steps of params, optimizer, data iterator and config.
 
-Layout: `WORKDIR/checkpoints/<step>/{params, opt_state, data_iter, config, model_config}`. Orbax
-finalises a step only when every item is written, so a run killed mid-save leaves no step that
-looks complete; `latest_step` only sees complete ones.
+Layout: `WORKDIR/tokenizer.model` (written once, at the start of the run) and
+`WORKDIR/checkpoints/<step>/{params, opt_state, data_iter, config, model_config, corpus}`. `corpus`
+names the data source and, for the built-in corpus, its fingerprint. Orbax finalises a step only
+when every item is written, so a run killed mid-save leaves no step that looks complete;
+`latest_step` only sees complete ones.
 """
 
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from rdlm import checkpoint_io
+from rdlm.data import tokenizer as tokenizer_lib
 from rdlm.state import TrainState
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def tokenizer_file(workdir) -> epath.Path:
+    """Where a run keeps its tokenizer: WORKDIR/tokenizer.model."""
+    return checkpoint_io.as_path(workdir) / TOKENIZER_FILE
+
+
+def load_run_tokenizer(workdir) -> tokenizer_lib.Tokenizer | None:
+    """The tokenizer a run was trained with; None for a run on bare token ids (it saved none)."""
+    path = tokenizer_file(workdir)
+    return tokenizer_lib.Tokenizer(path.read_bytes()) if path.exists() else None
+
+
+def save_run_tokenizer(workdir, tokenizer: tokenizer_lib.Tokenizer) -> None:
+    """Writes the tokenizer of a run that is starting (call it before its first checkpoint)."""
+    tokenizer_file(workdir).write_bytes(tokenizer.model_proto)
 
 
 class Checkpoints:
@@ -27,8 +49,11 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: TrainState, data_iter_state, config: dict, model_config) -> None:
-        """Starts writing the step (async); the arrays are snapshotted before training continues."""
+    def save(self, state: TrainState, data_iter_state, config: dict, model_config, corpus: dict) -> None:
+        """Starts writing the step (async); the arrays are snapshotted before training continues.
+
+        `corpus` ({"source": ..., "fingerprint": ...}) is what `corpus(step)` returns on resume.
+        """
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():
             return
@@ -40,9 +65,19 @@ class Checkpoints:
                 data_iter=checkpoint_io.DataIterSave(data_iter_state),
                 config=ocp.args.JsonSave(config),
                 model_config=ocp.args.JsonSave(checkpoint_io.model_config_to_json(model_config)),
+                corpus=ocp.args.JsonSave(corpus),
             ),
             force=True,
         )
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def corpus(self, step: int) -> dict | None:
+        """The `corpus` item of a complete step; None for a step saved before rdlm stored it."""
+        if not (self.step_dir(step) / "corpus").exists():
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(corpus=ocp.args.JsonRestore())).corpus
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, Any]:
         """(state on the given shardings, this process's data-iterator state) of a complete step."""

@@ -81,7 +81,7 @@ def registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
         for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
             items.add(item, args, ocp.StandardCheckpointHandler())
     items.add("params", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
-    for item in ("config", "model_config"):
+    for item in ("config", "model_config", "corpus"):
         for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
             items.add(item, args, ocp.JsonCheckpointHandler())
     items.add("data_iter", DataIterSave, DataIterHandler())

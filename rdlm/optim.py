@@ -233,9 +233,11 @@ def make_optimizer(config, *, accumulate: bool = True) -> optax.GradientTransfor
         optax.scale_by_learning_rate(schedule),
     ]
     optimizer = optax.chain(*chain)
+    if not accumulate:
+        return optimizer
     k = int(config.train.grad_accum_steps)
     if k < 1:
-        raise ValueError(f"config.train.grad_accum_steps must be >= 1, got {k}.")
-    if accumulate and k > 1:
+        raise ValueError(f"config.train.grad_accum_steps must be >= 1 to accumulate in the optimizer, got {k}.")
+    if k > 1:
         return optax.MultiSteps(optimizer, every_k_schedule=k).gradient_transformation()
     return optimizer

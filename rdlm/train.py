@@ -3,7 +3,12 @@
 `train_and_evaluate(config, workdir)` resumes from the workdir's newest complete checkpoint (model,
 optimizer and data-iterator state), trains to `train.num_steps`, saving every
 `checkpoint.every_steps` and on SIGTERM, and ends with the recurrence-scaling table: held-out
-accuracy and validation loss against test-time r.
+accuracy and validation loss against test-time r. A resumed run reads its data with its own saved
+tokenizer (WORKDIR/tokenizer.model) and refuses a built-in corpus whose fingerprint has changed.
+
+`--dry_run` compiles the train step from abstract shapes on the devices present and prints its
+memory per device and micro-batch layout as one JSON line (rdlm.program.dry_run); nothing is
+allocated, read or written.
 """
 
 # ruff: noqa: E402 (the huge-pages restart runs before the heavy imports, so that they load once)
@@ -12,7 +17,7 @@ from rdlm import cli
 if __name__ == "__main__":
     cli.restart_with_huge_pages()
 
-import dataclasses
+import json
 import os
 import signal
 import sys
@@ -26,25 +31,14 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from rdlm import checkpoint, checkpoint_io, evaluate, metrics, optim, perf, sharding, state as state_lib, steps
+from rdlm import checkpoint, checkpoint_io, evaluate, metrics, perf, sharding, state as state_lib, steps
+from rdlm import program as program_lib
 from rdlm.data import pipeline
 from rdlm.data import tokenizer as tokenizer_lib
-from rdlm.model import ModelConfig, RecurrentLM
 
 
 class Preempted(Exception):
     """Training stopped on SIGTERM after saving a checkpoint."""
-
-
-def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of a run: `config.model` plus the recurrence of `config.recurrence`."""
-    fields = dict(config.model.to_dict())
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(fields) - known
-    if unknown:
-        raise ValueError(f"config.model has unknown field(s) {sorted(unknown)}.")
-    backprop = config.recurrence.fixed or config.recurrence.backprop
-    return ModelConfig(**fields, mean_recurrence=max(config.recurrence.mean, 1), mean_backprop_depth=max(backprop, 1))
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
@@ -90,23 +84,6 @@ class _SigtermFlag:
         return self.received
 
 
-def _check_config(config, model_config: ModelConfig, mesh, rules) -> int:
-    """Checks what would otherwise fail deep inside JAX; returns the per-process batch size."""
-    if config.train.num_steps < 0:
-        raise ValueError(f"train.num_steps={config.train.num_steps} must be >= 0.")
-    accum = config.train.grad_accum_steps
-    if accum < 1 or config.train.batch_size % accum:
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} must be a multiple of train.grad_accum_steps={accum}."
-        )
-    sharding.check_batch(config.train.batch_size // accum, mesh, rules, "train.batch_size / train.grad_accum_steps")
-    if config.data.seq_len > model_config.block_size:
-        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.block_size={model_config.block_size}.")
-    if config.recurrence.mean < 1 and not config.recurrence.fixed:
-        raise ValueError(f"recurrence.mean={config.recurrence.mean} must be >= 1.")
-    return config.train.batch_size // jax.process_count()
-
-
 def _global(batch: dict, sharding_, rows: int, accum: int):
     if accum > 1:
         batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
@@ -124,27 +101,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
 
 def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
+    program = program_lib.build(config, mesh, rules)
+    model_config, model, tx, micro = program.model_config, program.model, program.tx, program.micro
+    abstract, shardings = program.abstract, program.shardings
+    logging.info("%s", micro.describe())
     workdir.mkdir(parents=True, exist_ok=True)
-    model_config = model_config_from(config)
-    local_batch = _check_config(config, model_config, mesh, rules)
-    tokenizer_lib.check_vocab(pipeline.corpus_vocab_size(config), model_config.vocab_size)
-    model = RecurrentLM(model_config)
-    schedule = optim.make_schedule(config)
-    tx = optim.make_optimizer(config, accumulate=False)
-    seq_len = config.data.seq_len
-    abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, seq_len)
-
     ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    start = ckpts.latest_step()
+    config_json = config.to_dict()  # each checkpoint records the config as given
+    config = _with_run_tokenizer(config, workdir) if start is not None else config
+    tokenizer_lib.check_vocab(pipeline.corpus_vocab_size(config), model_config.vocab_size)
+    corpus = _corpus(config)
+    if start is None:
+        _save_tokenizer(config, workdir)
+    else:
+        _check_same_corpus(ckpts, start, corpus)
+
+    seq_len = config.data.seq_len
     rng = jax.random.key(config.train.seed)
     data_iter = pipeline.make_train_iterator(
         config,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         seed=config.train.seed,
-        batch_size_per_process=local_batch,
+        batch_size_per_process=config.train.batch_size // jax.process_count(),
     )
-    _save_tokenizer(config, workdir)
-    start = ckpts.latest_step()
     if start is not None:
         state, iter_state = ckpts.restore(start, abstract, shardings)
         data_iter.set_state(iter_state)
@@ -157,14 +138,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         state = state_lib.init_state(model, tx, jax.random.fold_in(rng, 2), mesh, rules, seq_len, shardings)
     first_step = int(jax.device_get(state.step))
 
-    accum = config.train.grad_accum_steps
-    batch_sharding = sharding.batch_sharding(mesh, rules, leading_dims=1 if accum > 1 else 0)
-    train_step = jax.jit(
-        steps.make_train_step(model, tx, schedule, config.recurrence, rng, accum),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    accum, batch_sharding, train_step = micro.grad_accum_steps, program.batch_sharding, program.train_step
     eval_step = jax.jit(steps.make_eval_step(model, config.eval.init_scale), out_shardings=sharding.replicated(mesh))
     eval_batches = None
 
@@ -174,7 +148,6 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
     tokens_per_step = config.train.batch_size * seq_len
     progress = metrics.ProgressBar(config.train.num_steps, tokens_per_step=tokens_per_step) if primary else None
     stop = _SigtermFlag()
-    config_json = config.to_dict()
     budget_s = config.train.time_budget_minutes * 60
     logging.info(
         "Training %s from step %d to %d on mesh %s.", model_config, first_step, config.train.num_steps, dict(mesh.shape)
@@ -192,7 +165,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         # A checkpoint covers its steps' metrics: a run resumed from it never logs them again.
         log_pending()
         writer.flush()
-        ckpts.save(step_state, data_iter.get_state(), _json_safe(config_json), model_config)
+        ckpts.save(step_state, data_iter.get_state(), _json_safe(config_json), model_config, corpus)
 
     step = first_step
     while step < config.train.num_steps:
@@ -239,15 +212,60 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
     return result
 
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = checkpoint.TOKENIZER_FILE
 
 
 def _save_tokenizer(config, workdir: epath.Path) -> None:
-    """Copies the run's SentencePiece model to WORKDIR/tokenizer.model, where rdlm.generate finds it."""
+    """A starting run keeps its SentencePiece model as WORKDIR/tokenizer.model: the only one its resumes,
+    rdlm.generate and evaluation load. A file left by an earlier start that saved no checkpoint is replaced."""
+    if jax.process_index() != 0:
+        return
     tokenizer = pipeline.load_tokenizer(config)
-    path = workdir / TOKENIZER_FILE
-    if tokenizer is not None and jax.process_index() == 0 and not path.exists():
-        path.write_bytes(tokenizer.model_proto)
+    path = checkpoint.tokenizer_file(workdir)
+    if tokenizer is not None:
+        checkpoint.save_run_tokenizer(workdir, tokenizer)
+    elif path.exists():
+        logging.warning("Removing %s: it was left by an earlier start, and this run has no tokenizer.", path)
+        path.unlink()
+
+
+def _with_run_tokenizer(config, workdir: epath.Path):
+    """The config a resumed run reads its data with: `data.tokenizer` is the run's saved tokenizer, if any."""
+    path = checkpoint.tokenizer_file(workdir)
+    if not path.exists():
+        return config  # trained on bare ids
+    if config.data.tokenizer and config.data.tokenizer != str(path):
+        logging.warning("Resuming with the run's own tokenizer %s, not data.tokenizer=%s.", path, config.data.tokenizer)
+    config = config.copy_and_resolve_references()
+    config.data.tokenizer = str(path)
+    return config
+
+
+def _corpus(config) -> dict:
+    """What a checkpoint records of its data: the source and, for the built-in corpus, its fingerprint."""
+    source = config.data.source
+    fingerprint = pipeline.builtin_corpus(config).fingerprint if source == "builtin" else None
+    return {"source": source, "fingerprint": fingerprint}
+
+
+def _check_same_corpus(ckpts: checkpoint.Checkpoints, step: int, corpus: dict) -> None:
+    """A run resumes only on the built-in corpus it was trained on (another machine may have another stdlib)."""
+    saved = ckpts.corpus(step)
+    if saved is None:
+        logging.warning("Checkpoint %d stores no corpus fingerprint; the corpus cannot be checked.", step)
+        return
+    if saved["fingerprint"] is None or saved == corpus:
+        return
+    here = (
+        f"here it has fingerprint {corpus['fingerprint']}" if corpus["fingerprint"]
+        else f"this config reads data.source={corpus['source']!r}"
+    )
+    raise ValueError(
+        f"Refusing to resume: {ckpts.step_dir(step)} was trained on the built-in corpus with fingerprint "
+        f"{saved['fingerprint']}, but {here} (the code files, i.e. this interpreter's stdlib or "
+        "data.builtin.code_dir, or the data.builtin settings differ); resume where the corpus is the same, "
+        "or start a new --workdir."
+    )
 
 
 def _json_safe(value):
@@ -296,11 +314,25 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", -1, "This process's index (with --coordinator_address).", flag_values=FLAGS
 )
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Compile the train step from abstract shapes on the devices present, print its memory per device and "
+    "micro-batches as one JSON line, and exit; no data is read, no parameter allocated, nothing written.",
+    flag_values=FLAGS,
+)
 
 
 def main(argv):
     del argv
     maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DRY_RUN.value:
+        result = program_lib.dry_run(_CONFIG.value)
+        if jax.process_index() == 0:
+            print(json.dumps(result), flush=True)
+        return
+    if _WORKDIR.value is None:
+        cli.fail("--workdir is required, e.g. --workdir=runs/tiny.")
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except Preempted as e:
@@ -309,4 +341,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, FLAGS, usage=__doc__, required={"config": "configs/tiny.py", "workdir": "runs/tiny"})
+    cli.run(main, FLAGS, usage=__doc__, required={"config": "configs/tiny.py"})

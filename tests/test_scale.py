@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from rdlm import checkpoint, metrics, optim, sharding, state as state_lib
 from rdlm.model import RecurrentLM
-from rdlm.train import model_config_from, train_and_evaluate
+from rdlm.program import model_config_from
+from rdlm.train import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.eval_batches = 8  # Validation batches per evaluation, the same fixed ones every time.
     data.seq_len = 256  # Tokens per row (rows hold seq_len + 1 tokens before the shift).
     data.parquet_column = "input_ids"  # Parquet column of token-id lists.
-    data.tokenizer = ""  # SentencePiece .model; '' = metadata.json beside the shards / built-in.
+    data.tokenizer = ""  # SentencePiece .model; '' = metadata.json beside the shards / trained for built-in.
     data.bos_id = -1  # BOS id; -1 takes it from the tokenizer (set it for id-only corpora).
     data.eos_id = -1  # EOS id; -1 takes it from the tokenizer.
     data.pad_id = -1  # Padding id; -1 takes it from the tokenizer.
@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.builtin.heldout_code_percent = 5.0  # Percent of stdlib files held out for validation.
     data.builtin.heldout_problems = 64  # Held-out problems per task (validation and eval).
     data.builtin.code_max_mb = 0.0  # Cap on training code in MB of text; 0 = the whole stdlib.
+    data.builtin.code_dir = ""  # Directory of .py files for the code documents; '' = this interpreter's stdlib.
     data.builtin.tokenizer_train_mb = 2.0  # MB of text the tokenizer is trained on.
     return data
 
