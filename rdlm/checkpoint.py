@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from rdlm import checkpoint_io
+from rdlm import orbax_steps, storage
 from rdlm.state import TrainState
 
 
@@ -20,9 +20,9 @@ class Checkpoints:
     def __init__(self, workdir, *, keep: int, async_save: bool = True):
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be at least 1.")
-        self.directory = checkpoint_io.as_path(workdir) / checkpoint_io.CHECKPOINTS_SUBDIR
+        self.directory = storage.path(workdir) / orbax_steps.CHECKPOINTS_SUBDIR
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=checkpoint_io.registry())
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=orbax_steps.registry())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -37,9 +37,9 @@ class Checkpoints:
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 opt_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-                data_iter=checkpoint_io.DataIterSave(data_iter_state),
+                data_iter=orbax_steps.DataIterSave(data_iter_state),
                 config=ocp.args.JsonSave(config),
-                model_config=ocp.args.JsonSave(checkpoint_io.model_config_to_json(model_config)),
+                model_config=ocp.args.JsonSave(orbax_steps.model_config_to_json(model_config)),
             ),
             force=True,
         )
@@ -57,7 +57,7 @@ class Checkpoints:
                 opt_state=ocp.args.StandardRestore(
                     target({"step": abstract.step, "opt_state": abstract.opt_state}, {"step": shardings.step, "opt_state": shardings.opt_state})
                 ),
-                data_iter=checkpoint_io.DataIterRestore(),
+                data_iter=orbax_steps.DataIterRestore(),
             ),
         )
         opt = restored.opt_state

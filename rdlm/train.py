@@ -26,7 +26,7 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from rdlm import checkpoint, checkpoint_io, evaluate, metrics, optim, perf, sharding, state as state_lib, steps
+from rdlm import checkpoint, checkpoint_io, evaluate, metrics, optim, perf, sharding, state as state_lib, steps, storage
 from rdlm.data import pipeline
 from rdlm.data import tokenizer as tokenizer_lib
 from rdlm.model import ModelConfig, RecurrentLM
@@ -118,13 +118,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     """Trains (or resumes) a run in `workdir` on `devices` (default: all); returns the final results."""
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.check_rules(config.mesh.rules, mesh)
-    workdir = checkpoint_io.as_path(workdir)
+    workdir = storage.path(workdir)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _train_and_evaluate(config, workdir, mesh, rules)
 
 
 def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
-    workdir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(workdir)
     model_config = model_config_from(config)
     local_batch = _check_config(config, model_config, mesh, rules)
     tokenizer_lib.check_vocab(pipeline.corpus_vocab_size(config), model_config.vocab_size)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdlm import checkpoint_io, generate as generate_cli
+from rdlm import checkpoint_io, generate as generate_cli, orbax_steps
 from rdlm.interop import huginn, safetensors_io
 from rdlm.model import RecurrentLM
 from rdlm.sampling import SamplerOptions, decode, generate, logits, text
@@ -137,10 +137,10 @@ def test_tokenizer_is_found_for_workdirs_and_step_dirs(tiny, tmp_path):
 
     config, params, _ = tiny
     workdir = tmp_path / "run"
-    checkpoint_io.save_params(workdir / checkpoint_io.CHECKPOINTS_SUBDIR / "5", config, params)
+    orbax_steps.save_params(workdir / orbax_steps.CHECKPOINTS_SUBDIR / "5", config, params)
     corpus = [f"def f{i}(x):\n    return x * {i}\n" for i in range(300)]
     train_tokenizer(corpus, vocab_size=300).save(workdir / "tokenizer.model")
-    for directory in (workdir, workdir / checkpoint_io.CHECKPOINTS_SUBDIR / "5"):
+    for directory in (workdir, workdir / orbax_steps.CHECKPOINTS_SUBDIR / "5"):
         assert text.tokenizer_path(directory) == workdir / "tokenizer.model"
         codec = text.load_codec(directory)
         assert codec.prompt_ids("return x")[0] == codec.bos_id == 1 and codec.stop_ids == (2,)

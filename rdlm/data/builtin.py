@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from rdlm import storage
 from rdlm.data import config as config_lib
 from rdlm.data import tokenizer as tokenizer_lib
 
@@ -198,18 +199,16 @@ def _tokenizer_text(spec: BuiltinSpec, code: list[str], samples: dict[str, list]
 
 
 def cached_tokenizer(spec: BuiltinSpec, texts: list[str], cache_dir: str):
-    """Trains the tokenizer on `texts`, or loads it from the cache if this exact text was seen."""
+    """Trains the tokenizer on `texts`, or loads it from the cache (local or gs://) if this exact text was seen."""
     key = hashlib.sha256(f"{spec.vocab_size}|{tokenizer_lib.INDENT_PIECES}".encode())
     for text in texts:
         key.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
-    path = os.path.join(os.path.expanduser(cache_dir), f"builtin-{key.hexdigest()[:16]}.model")
-    if os.path.isfile(path):
+    path = storage.path(cache_dir) / f"builtin-{key.hexdigest()[:16]}.model"
+    if storage.exists(path):
         return tokenizer_lib.Tokenizer.from_file(path)
     tok = tokenizer_lib.train_tokenizer(texts, spec.vocab_size)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)  # Atomic, so concurrent processes never read half a file.
+    storage.makedirs(path.parent)
+    tok.save(path)  # an atomic write: concurrent processes never read half a file
     return tok
 
 
