@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -96,6 +97,20 @@ class Server:
             token = page.get("nextPageToken")
             if not token:
                 return names
+
+    def download(self, url: str, folder) -> None:
+        """Copies every object under gs://bucket/prefix into `folder` (with the server's own API, not rdlm's)."""
+        bucket, _, prefix = url.removeprefix("gs://").partition("/")
+        prefix = prefix.rstrip("/") + "/"
+        for name in self.object_names(f"gs://{bucket}"):
+            if not name.startswith(prefix):
+                continue
+            target = os.path.join(folder, name[len(prefix):])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            quoted = urllib.parse.quote(name, safe="")
+            with urllib.request.urlopen(f"{URL}/storage/v1/b/{bucket}/o/{quoted}?alt=media", timeout=30) as r:
+                with open(target, "wb") as f:
+                    f.write(r.read())
 
     def stop(self) -> None:
         self._process.terminate()

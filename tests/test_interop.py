@@ -165,3 +165,44 @@ def test_not_a_checkpoint_directory(tmp_path):
         checkpoint_io.load_params(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint_io.load_params(tmp_path / "nope")
+
+
+def _rdlm_imports() -> dict[str, set[str]]:
+    """Every rdlm module -> the rdlm modules it imports anywhere in its file (function-local imports too)."""
+    import ast
+
+    files = {".".join(f.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (REPO / "rdlm").rglob("*.py")}
+    graph = {}
+    for name, file in files.items():
+        package = name if file.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names}
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_rdlm_modules_import_each_other_without_cycles():
+    graph, state, cycles = _rdlm_imports(), {}, []
+
+    def visit(module, path):
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep):] + [dep] if dep in path else [module, dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+    assert "rdlm.checkpoint_io" not in graph["rdlm.interop.huginn"] and "rdlm.orbax_steps" not in graph["rdlm.interop.huginn"]

@@ -11,6 +11,7 @@ when it is read.
 """
 
 import collections
+import contextlib
 import json
 from collections.abc import Sequence
 
@@ -145,8 +146,8 @@ class ParquetSource:
         self._groups = []  # (path index, row group index, first row of the group in its file) in order.
         sizes = []
         for i, path in enumerate(self._paths):
-            with storage.open(path, "rb") as f:
-                meta = pq.ParquetFile(f)
+            with contextlib.ExitStack() as stack:
+                meta = pq.ParquetFile(storage.local_path(path) or stack.enter_context(storage.open(path, "rb")))
                 _check_column(path, meta.schema_arrow, column)
                 row = 0
                 for g in range(meta.metadata.num_row_groups):
@@ -174,7 +175,8 @@ class ParquetSource:
             return self._cache[group]
         file_index, row_group, first_row = self._groups[group]
         if file_index not in self._files:
-            self._files[file_index] = pq.ParquetFile(storage.open(self._paths[file_index], "rb"))
+            path = self._paths[file_index]  # pyarrow reads a local file itself, a remote one through its file object
+            self._files[file_index] = pq.ParquetFile(storage.local_path(path) or storage.open(path, "rb"))
         table = self._files[file_index].read_row_group(row_group, columns=[self._column])
         offsets, values = _flatten_lists(table.column(0))
         path = self._paths[file_index]
