@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 
 from etils import epath
@@ -115,12 +116,7 @@ def _explain(url: str, error: Exception) -> Exception | None:
         return None
     text = str(error)
     code = getattr(error, "code", None)
-    denied = (
-        code in (401, 403)
-        or text.startswith("Forbidden")
-        or type(error).__module__.startswith("google.auth")
-        or "credential" in text.lower()
-    )
+    denied = code in (401, 403) or text.startswith("Forbidden") or type(error).__module__.startswith("google.auth")
     if denied:
         return AccessDenied(f"Access to {url} was refused: {_access_problem(url)}; {CREDENTIALS_HINT}.")
     if isinstance(error, FileNotFoundError):
@@ -162,10 +158,16 @@ def _text(f, mode: str):
     return f if "b" in mode else io.TextIOWrapper(f, encoding="utf-8")
 
 
-def open(p, mode: str = "r"):  # noqa: A001 (the storage layer's open, for local and remote files)
-    """The file object of `p`; text is UTF-8. Binary reads seek on gs:// too (pyarrow relies on that)."""
+def open(p, mode: str = "r", *, random_access: bool = False):  # noqa: A001 (the layer's own open)
+    """The file object of `p`; text is UTF-8. Binary reads seek on gs:// too (pyarrow relies on that).
+
+    `random_access=True` (reading chosen byte ranges: parquet row groups, safetensors tensors) turns off
+    gcsfs's read-ahead, which would fetch and buffer up to 256 MB past each read in the background.
+    """
     target = path(p)
     with explained(target):
+        if random_access and is_remote(target) and mode == "rb":
+            return _filesystem(os.fspath(target)).open(os.fspath(target), "rb", cache_type="none")
         return _text(target.open(mode.replace("b", "") + "b"), mode)
 
 
@@ -199,7 +201,8 @@ def makedirs(p) -> epath.Path:
                 with explained(url):
                     _list_one(url)
             except NotFound:
-                raise NotFound(f"{url}: the bucket {_bucket(url)!r} does not exist; create it or fix the name.") from None
+                message = f"{url}: the bucket {_bucket(url)!r} does not exist; create it or fix the name."
+                raise NotFound(message) from None
         return target
     target.mkdir(parents=True, exist_ok=True)
     return target
@@ -230,7 +233,7 @@ def atomic_write(p, mode: str = "wb"):
             f.close()
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with _text(tmp.open(binary_mode), mode) as f:
             yield f

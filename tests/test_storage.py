@@ -19,10 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import train_config
 from rdlm import checkpoint_io, storage
 from rdlm.data import pipeline, prepare, sources
 from rdlm.data import config as config_lib
 from rdlm.interop import huginn
+from rdlm.train import train_and_evaluate
 
 RDLM = pathlib.Path(__file__).resolve().parents[1] / "rdlm"
 
@@ -70,7 +72,7 @@ def test_gcs_files_round_trip(gcs_server, gcs_bucket, tmp_path):
     assert storage.makedirs(f"{gcs_bucket}/run") == storage.path(f"{gcs_bucket}/run")
 
 
-def test_missing_bucket_and_empty_glob_are_one_sentence(gcs_server, gcs_bucket):
+def test_missing_bucket_and_empty_glob_are_one_sentence(gcs_server, gcs_bucket, tmp_path):
     missing = "gs://no-such-bucket-rdlm/run"
     bucket_error = "the bucket 'no-such-bucket-rdlm' does not exist"
     for call in (lambda: storage.makedirs(missing), lambda: storage.read_text(missing + "/a.json"),
@@ -84,6 +86,9 @@ def test_missing_bucket_and_empty_glob_are_one_sentence(gcs_server, gcs_bucket):
     with pytest.raises(FileNotFoundError) as error:
         sources.resolve_paths(f"{gcs_bucket}/data/*.parquet")
     assert str(error.value) == f"data.paths: '{gcs_bucket}/data/*.parquet' matches no file; check the path or glob."
+    with pytest.raises(FileNotFoundError) as error:  # before anything is built or compiled
+        train_and_evaluate(train_config.small_config(tmp_path), missing)
+    assert str(error.value) == f"{missing}: the bucket 'no-such-bucket-rdlm' does not exist; create it or fix the name."
 
 
 class _RefusingGCS(http.server.BaseHTTPRequestHandler):
@@ -207,3 +212,14 @@ def test_no_file_access_outside_the_storage_layer():
                         offences.append(f"{name}:{number}: {kind}: {line.strip()}")
     assert offences == [], "use rdlm.storage for these paths:\n" + "\n".join(offences)
     assert found == set(ALLOWED), f"stale allow-list entries: {set(ALLOWED) - found}"
+
+
+def test_parquet_from_gcs_reads_safely_from_many_threads(gcs_bucket):
+    """grain reads a source from several threads at once; a pyarrow reader shared between them crashed."""
+    rows = [[k] * (1 + k % 13) for k in range(2000)]
+    _parquet(f"{gcs_bucket}/many.parquet", rows, row_group_size=5)  # 400 row groups
+    source = sources.ParquetSource([f"{gcs_bucket}/many.parquet"])
+    source._CACHED_ROW_GROUPS = 1  # every read goes to the file
+    order = list(grain.MapDataset.range(len(rows)).shuffle(seed=0))
+    ds = grain.MapDataset.source(source).shuffle(seed=0).to_iter_dataset(grain.ReadOptions(num_threads=8))
+    assert [doc.tolist() for doc in ds] == [rows[i] for i in order]

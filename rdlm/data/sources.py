@@ -13,6 +13,7 @@ when it is read.
 import collections
 import contextlib
 import json
+import threading
 from collections.abc import Sequence
 
 import grain
@@ -140,6 +141,7 @@ class ParquetSource:
     """
 
     _CACHED_ROW_GROUPS = 4
+    _OPEN_FILES_PER_THREAD = 8
 
     def __init__(self, paths: Sequence[str], column: str = "input_ids", vocab_size: int | None = None):
         self._paths, self._column, self._vocab_size = list(paths), column, vocab_size
@@ -147,7 +149,9 @@ class ParquetSource:
         sizes = []
         for i, path in enumerate(self._paths):
             with contextlib.ExitStack() as stack:
-                meta = pq.ParquetFile(storage.local_path(path) or stack.enter_context(storage.open(path, "rb")))
+                remote = storage.local_path(path) is None
+                meta = pq.ParquetFile(stack.enter_context(storage.open(path, "rb", random_access=True))
+                                      if remote else storage.local_path(path))
                 _check_column(path, meta.schema_arrow, column)
                 row = 0
                 for g in range(meta.metadata.num_row_groups):
@@ -157,7 +161,7 @@ class ParquetSource:
                     sizes.append(group.num_rows)
                     row += group.num_rows
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self._files, self._cache = {}, collections.OrderedDict()
+        self._cache, self._lock, self._open = collections.OrderedDict(), threading.Lock(), threading.local()
 
     def __getstate__(self):
         return {"paths": self._paths, "column": self._column, "vocab_size": self._vocab_size}
@@ -170,26 +174,39 @@ class ParquetSource:
 
     def _row_group(self, group: int) -> tuple[np.ndarray, np.ndarray]:
         """Returns (offsets, values) of one row group, from the cache when possible."""
-        if group in self._cache:
-            self._cache.move_to_end(group)
-            return self._cache[group]
+        with self._lock:
+            if group in self._cache:
+                self._cache.move_to_end(group)
+                return self._cache[group]
         file_index, row_group, first_row = self._groups[group]
-        if file_index not in self._files:
-            path = self._paths[file_index]  # pyarrow reads a local file itself, a remote one through its file object
-            self._files[file_index] = pq.ParquetFile(storage.local_path(path) or storage.open(path, "rb"))
-        table = self._files[file_index].read_row_group(row_group, columns=[self._column])
-        offsets, values = _flatten_lists(table.column(0))
         path = self._paths[file_index]
+        table = self._reader(file_index).read_row_group(row_group, columns=[self._column])
+        offsets, values = _flatten_lists(table.column(0))
 
         def where(i: int) -> str:
             row = first_row + int(np.searchsorted(offsets, i, side="right")) - 1
             return f"{path} row {row} (column {self._column!r})"
 
         check_ids(values, self._vocab_size, where)
-        self._cache[group] = offsets, values
-        if len(self._cache) > self._CACHED_ROW_GROUPS:
-            self._cache.popitem(last=False)
-        return self._cache[group]
+        with self._lock:
+            self._cache[group] = offsets, values
+            if len(self._cache) > self._CACHED_ROW_GROUPS:
+                self._cache.popitem(last=False)
+        return offsets, values
+
+    def _reader(self, file_index: int) -> pq.ParquetFile:
+        """This thread's reader of one file. grain reads from several threads, and a pyarrow reader over a gs://
+        file object crashes when two threads share it; a few files stay open per thread, not one per file."""
+        files = self._open.__dict__.setdefault("files", collections.OrderedDict())
+        if file_index in files:
+            files.move_to_end(file_index)
+            return files[file_index]
+        path = self._paths[file_index]
+        source = storage.local_path(path) or storage.open(path, "rb", random_access=True)
+        files[file_index] = pq.ParquetFile(source)
+        if len(files) > self._OPEN_FILES_PER_THREAD:
+            files.popitem(last=False)
+        return files[file_index]
 
     def __getitem__(self, index: int) -> np.ndarray:
         index = int(index)

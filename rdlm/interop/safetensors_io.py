@@ -37,7 +37,7 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = storage.path(path)
-        with storage.open(self.path, "rb") as f:
+        with storage.open(self.path, "rb", random_access=True) as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             try:
                 header = json.loads(f.read(header_len))
@@ -64,7 +64,7 @@ class SafetensorsFile:
             raise ValueError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape {shape}.")
         local = storage.local_path(self.path)
         if local is None or not shape or end == begin:
-            with storage.open(self.path, "rb") as f:
+            with storage.open(self.path, "rb", random_access=True) as f:
                 f.seek(self._data_start + begin)
                 return np.frombuffer(f.read(end - begin), dtype).reshape(shape)
         return np.memmap(local, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
