@@ -9,11 +9,14 @@ when it is imported: conftest sets them before anything imports it.
 """
 
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -54,6 +57,12 @@ def binary() -> str:
     return path
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel sends it SIGTERM when the test process dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Server:
     """One fake-gcs-server process with an in-memory backend."""
 
@@ -62,7 +71,8 @@ class Server:
         self._log = open(log_path, "w")
         command = [binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(PORT), "-backend", "memory",
                    "-external-url", URL, "-log-level", "warn"]
-        self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + 30
         while True:
             try:
