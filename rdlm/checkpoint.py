@@ -13,7 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from rdlm import checkpoint_io
+from rdlm import orbax_steps, storage
 from rdlm.data import tokenizer as tokenizer_lib
 from rdlm.state import TrainState
 
@@ -22,7 +22,7 @@ TOKENIZER_FILE = "tokenizer.model"
 
 def tokenizer_file(workdir) -> epath.Path:
     """Where a run keeps its tokenizer: WORKDIR/tokenizer.model."""
-    return checkpoint_io.as_path(workdir) / TOKENIZER_FILE
+    return storage.path(workdir) / TOKENIZER_FILE
 
 
 def load_run_tokenizer(workdir) -> tokenizer_lib.Tokenizer | None:
@@ -42,9 +42,9 @@ class Checkpoints:
     def __init__(self, workdir, *, keep: int, async_save: bool = True):
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be at least 1.")
-        self.directory = checkpoint_io.as_path(workdir) / checkpoint_io.CHECKPOINTS_SUBDIR
+        self.directory = storage.path(workdir) / orbax_steps.CHECKPOINTS_SUBDIR
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=checkpoint_io.registry())
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=orbax_steps.registry())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -62,9 +62,9 @@ class Checkpoints:
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 opt_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-                data_iter=checkpoint_io.DataIterSave(data_iter_state),
+                data_iter=orbax_steps.DataIterSave(data_iter_state),
                 config=ocp.args.JsonSave(config),
-                model_config=ocp.args.JsonSave(checkpoint_io.model_config_to_json(model_config)),
+                model_config=ocp.args.JsonSave(orbax_steps.model_config_to_json(model_config)),
                 corpus=ocp.args.JsonSave(corpus),
             ),
             force=True,
@@ -92,7 +92,7 @@ class Checkpoints:
                 opt_state=ocp.args.StandardRestore(
                     target({"step": abstract.step, "opt_state": abstract.opt_state}, {"step": shardings.step, "opt_state": shardings.opt_state})
                 ),
-                data_iter=checkpoint_io.DataIterRestore(),
+                data_iter=orbax_steps.DataIterRestore(),
             ),
         )
         opt = restored.opt_state

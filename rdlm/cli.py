@@ -98,9 +98,9 @@ def parse_flags(
 
 class _DropLibraryInfo(logging.Filter):
     """Keeps warnings and errors of the libraries below, and drops their INFO chatter (Orbax logs ~30
-    lines per checkpoint)."""
+    lines per checkpoint, fsspec one per gs:// file opened)."""
 
-    LIBRARIES = ("/orbax/",)
+    LIBRARIES = ("/orbax/", "/fsspec/", "/gcsfs/")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or not any(lib in record.pathname for lib in self.LIBRARIES)

@@ -31,7 +31,7 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from rdlm import checkpoint, checkpoint_io, evaluate, metrics, perf, sharding, state as state_lib, steps
+from rdlm import checkpoint, checkpoint_io, evaluate, metrics, perf, sharding, state as state_lib, steps, storage
 from rdlm import program as program_lib
 from rdlm.data import pipeline
 from rdlm.data import tokenizer as tokenizer_lib
@@ -95,7 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     """Trains (or resumes) a run in `workdir` on `devices` (default: all); returns the final results."""
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.check_rules(config.mesh.rules, mesh)
-    workdir = checkpoint_io.as_path(workdir)
+    workdir = storage.path(workdir)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _train_and_evaluate(config, workdir, mesh, rules)
 
@@ -105,7 +105,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
     model_config, model, tx, micro = program.model_config, program.model, program.tx, program.micro
     abstract, shardings = program.abstract, program.shardings
     logging.info("%s", micro.describe())
-    workdir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(workdir)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     start = ckpts.latest_step()
     config_json = config.to_dict()  # each checkpoint records the config as given

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdlm import checkpoint_io, generate as generate_cli
+from rdlm import checkpoint_io, cli, generate as generate_cli, orbax_steps
 from rdlm.interop import huginn, safetensors_io
 from rdlm.model import RecurrentLM
 from rdlm.sampling import SamplerOptions, decode, generate, logits, text
@@ -137,10 +137,10 @@ def test_tokenizer_is_found_for_workdirs_and_step_dirs(tiny, tmp_path):
 
     config, params, _ = tiny
     workdir = tmp_path / "run"
-    checkpoint_io.save_params(workdir / checkpoint_io.CHECKPOINTS_SUBDIR / "5", config, params)
+    orbax_steps.save_params(workdir / orbax_steps.CHECKPOINTS_SUBDIR / "5", config, params)
     corpus = [f"def f{i}(x):\n    return x * {i}\n" for i in range(300)]
     train_tokenizer(corpus, vocab_size=300).save(workdir / "tokenizer.model")
-    for directory in (workdir, workdir / checkpoint_io.CHECKPOINTS_SUBDIR / "5"):
+    for directory in (workdir, workdir / orbax_steps.CHECKPOINTS_SUBDIR / "5"):
         assert text.tokenizer_path(directory) == workdir / "tokenizer.model"
         codec = text.load_codec(directory)
         assert codec.prompt_ids("return x")[0] == codec.bos_id == 1 and codec.stop_ids == (2,)
@@ -151,15 +151,16 @@ def test_tokenizer_is_found_for_workdirs_and_step_dirs(tiny, tmp_path):
     assert loaded == config
 
 
-def test_cli_reports_bad_input_in_one_line(huginn_tiny_dir):
+def test_cli_reports_bad_input_in_one_line(huginn_tiny_dir, capsys):
     argv = ["rdlm.generate", f"--checkpoint={huginn_tiny_dir / 'checkpoint'}", "--prompt=x", "--exit=bogus:1"]
     generate_cli.FLAGS(argv)
     try:
         with pytest.raises(SystemExit) as exit_:
-            generate_cli.main(argv[:1])
+            cli.expected_failures(generate_cli.main)(argv[:1])
     finally:
         generate_cli.FLAGS.unparse_flags()
-    assert str(exit_.value.code) == (
-        "rdlm.generate: Unknown exit_criterion 'bogus'; choose one of ('kl', 'minp-kl', 'entropy-diff', "
-        "'latent-diff', 'cosine', 'argmax-stability') or None."
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: Unknown exit_criterion 'bogus'; choose one of ('kl', 'minp-kl', 'entropy-diff', "
+        "'latent-diff', 'cosine', 'argmax-stability') or None.\n"
     )

@@ -21,7 +21,6 @@ import functools
 import hashlib
 import importlib
 import math
-import os
 import sysconfig
 import zlib
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from rdlm import storage
 from rdlm.data import config as config_lib
 from rdlm.data import tokenizer as tokenizer_lib
 
@@ -95,7 +95,7 @@ def code_root(spec: BuiltinSpec) -> epath.Path:
     """The directory the code documents come from: `data.builtin.code_dir`, or the interpreter's stdlib."""
     if not spec.code_dir:
         return epath.Path(sysconfig.get_paths()["stdlib"])
-    root = epath.Path(spec.code_dir).expanduser()
+    root = storage.path(spec.code_dir)
     if not root.is_dir():
         raise FileNotFoundError(
             f"data.builtin.code_dir={spec.code_dir!r} is not a directory; give a directory of .py files "
@@ -229,26 +229,23 @@ def _tokenizer_text(spec: BuiltinSpec, code: list[str], samples: dict[str, list]
 
 
 def cached_tokenizer(spec: BuiltinSpec, texts: list[str], cache_dir: str):
-    """Trains the tokenizer on `texts`, or loads it from the cache if this exact text was seen."""
+    """Trains the tokenizer on `texts`, or loads it from the cache (local or gs://) if this exact text was seen."""
     key = hashlib.sha256(f"{spec.vocab_size}|{tokenizer_lib.INDENT_PIECES}".encode())
     for text in texts:
         key.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
-    folder = epath.Path(cache_dir).expanduser()
-    path = folder / f"builtin-{key.hexdigest()[:16]}.model"
-    if path.is_file():
-        return tokenizer_lib.Tokenizer(path.read_bytes())
+    path = storage.path(cache_dir) / f"builtin-{key.hexdigest()[:16]}.model"
+    if storage.exists(path):
+        return tokenizer_lib.Tokenizer.from_file(path)
     tok = tokenizer_lib.train_tokenizer(texts, spec.vocab_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{path.name}.{os.getpid()}.tmp"
-    tmp.write_bytes(tok.model_proto)
-    tmp.replace(path)  # Atomic, so concurrent processes never read half a file.
+    storage.makedirs(path.parent)
+    tok.save(path)  # an atomic write: concurrent processes never read half a file
     return tok
 
 
 def _tokenizer(spec: BuiltinSpec, code: list[str], samples: dict, cache_dir: str) -> tokenizer_lib.Tokenizer:
     """`data.tokenizer` if set, else the one trained for this corpus (or its cached copy)."""
     if spec.tokenizer:
-        return tokenizer_lib.Tokenizer.from_file(epath.Path(spec.tokenizer).expanduser())
+        return tokenizer_lib.Tokenizer.from_file(spec.tokenizer)
     return cached_tokenizer(spec, _tokenizer_text(spec, code, samples), cache_dir)
 
 

@@ -7,7 +7,6 @@ exactly where the saved one was.
 
 import dataclasses
 import itertools
-import os
 
 import grain
 import numpy as np
@@ -33,7 +32,7 @@ class SpecialIds:
 def builtin_corpus(config) -> builtin.BuiltinCorpus:
     """Returns the built-in corpus for this config (built once per process)."""
     cfg = config_lib.data_section(config)
-    return builtin.build(builtin.BuiltinSpec.from_config(cfg), os.path.expanduser(cfg.cache_dir))
+    return builtin.build(builtin.BuiltinSpec.from_config(cfg), cfg.cache_dir)
 
 
 def _metadata(cfg) -> dict:
@@ -47,7 +46,7 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer | None:
     """Returns the corpus's tokenizer: data.tokenizer, the shards' metadata, or the built-in one."""
     cfg = config_lib.data_section(config)
     if cfg.tokenizer:
-        return tokenizer_lib.Tokenizer.from_file(os.path.expanduser(cfg.tokenizer))
+        return tokenizer_lib.Tokenizer.from_file(cfg.tokenizer)
     if cfg.source == "builtin":
         return builtin_corpus(cfg).tokenizer
     path = _metadata(cfg).get("tokenizer")
@@ -88,17 +87,35 @@ def special_ids(config) -> SpecialIds:
     return SpecialIds(bos=bos, eos=eos if cfg.append_eos else None, pad=0 if pad is None else pad)
 
 
-def _file_source(cfg, paths, field: str):
-    """Opens the configured kind of file source."""
+def model_vocab_size(config) -> int | None:
+    """`model.vocab_size` of a full training config (the bound every token id must stay below); None for a
+    bare `data` section."""
+    return int(config.model.vocab_size) if "data" in config and "model" in config else None
+
+
+def _check_special_ids(ids: SpecialIds, vocab_size: int | None) -> None:
+    for name, value in (("bos", ids.bos), ("eos", ids.eos), ("pad", ids.pad)):
+        if vocab_size is not None and value is not None and not 0 <= value < vocab_size:
+            raise ValueError(
+                f"The {name.upper()} id {value} (data.{name}_id or the tokenizer's) is outside [0, "
+                f"model.vocab_size={vocab_size}); set data.{name}_id below model.vocab_size."
+            )
+
+
+def _file_source(cfg, paths, field: str, vocab_size: int | None):
+    """Opens the configured kind of file source; ids outside [0, vocab_size) are refused when read."""
     files = sources.resolve_paths(paths, field)
     if cfg.source == "arrayrecord":
-        return sources.ArrayRecordSource(files)
-    return sources.ParquetSource(files, cfg.parquet_column)
+        return sources.ArrayRecordSource(files, vocab_size)
+    return sources.ParquetSource(files, cfg.parquet_column, vocab_size)
 
 
 def documents(config, split: str) -> grain.MapDataset:
-    """Returns the documents of `split` ('train' or 'eval') as a grain MapDataset."""
-    cfg = config_lib.data_section(config)
+    """Returns the documents of `split` ('train' or 'eval') as a grain MapDataset.
+
+    Given a full training config, file sources refuse token ids at or above `model.vocab_size`.
+    """
+    cfg, vocab_size = config_lib.data_section(config), model_vocab_size(config)
     if cfg.source not in SOURCES:
         raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}.")
     if cfg.source == "builtin":
@@ -106,10 +123,10 @@ def documents(config, split: str) -> grain.MapDataset:
         ds = grain.MapDataset.source(corpus.train_docs if split == "train" else corpus.eval_docs)
         what = f"The built-in corpus ({split} split)"
     elif split == "eval" and cfg.eval_paths:
-        ds = grain.MapDataset.source(_file_source(cfg, cfg.eval_paths, "data.eval_paths"))
+        ds = grain.MapDataset.source(_file_source(cfg, cfg.eval_paths, "data.eval_paths", vocab_size))
         what = f"data.eval_paths={cfg.eval_paths!r}"
     else:
-        ds = grain.MapDataset.source(_file_source(cfg, cfg.paths, "data.paths"))
+        ds = grain.MapDataset.source(_file_source(cfg, cfg.paths, "data.paths", vocab_size))
         what = f"data.paths={cfg.paths!r}"
         sources.check_not_empty(ds, what)
         held = 0 if cfg.eval_paths else cfg.eval_documents
@@ -201,10 +218,11 @@ def make_train_iterator(config, *, process_index: int, process_count: int, seed:
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
     rows = batch_size_per_process * process_count
-    ds = documents(cfg, "train").seed(seed).shuffle()
+    ds = documents(config, "train").seed(seed).shuffle()
     if len(ds) < rows:
         raise ValueError(f"{len(ds)} training documents cannot fill {rows} row streams; lower train.batch_size.")
     ids = special_ids(cfg)
+    _check_special_ids(ids, model_vocab_size(config))
     threads = 0 if cfg.source == "builtin" else cfg.read_threads
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, 2 * threads))
     streams = [
@@ -238,7 +256,7 @@ def make_eval_batches(config, *, batch_size: int, process_index: int = 0, proces
     """
     cfg = config_lib.data_section(config)
     num_batches = cfg.eval_batches if num_batches is None else num_batches
-    ds = documents(cfg, "eval").shuffle(seed=_EVAL_SHUFFLE_SEED)
+    ds = documents(config, "eval").shuffle(seed=_EVAL_SHUFFLE_SEED)
     ds = _host_slice(ds, process_index, process_count)
     it = _pack_and_batch(ds, cfg, batch_size, drop_remainder=False, read_threads=0)
     batches = list(itertools.islice(iter(it), num_batches))

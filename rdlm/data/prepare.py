@@ -6,17 +6,18 @@ r"""Tokenizes text or JSONL files into ArrayRecord shards with a metadata.json.
 A `.jsonl` file holds one document per line (the `--text_field` of each JSON object); any other
 file is one document. Without `--tokenizer`, a SentencePiece model is trained on the input and
 saved as `tokenizer.model` beside the shards. Then train with `data.source='arrayrecord'` and
-`data.paths='/data/mine/*.array_record'`.
+`data.paths='/data/mine/*.array_record'`. Input and output may be local or gs:// (shards for gs:// are
+written locally, then uploaded: the ArrayRecord writer only writes local files).
 """
 
+import contextlib
 import itertools
 import json
-import os
 from collections.abc import Iterator, Sequence
 
 from absl import flags
 
-from rdlm import cli
+from rdlm import cli, storage
 from rdlm.data import sources
 from rdlm.data import tokenizer as tokenizer_lib
 
@@ -27,10 +28,9 @@ def read_documents(files: Sequence[str], text_field: str = "text") -> Iterator[s
     """Yields the documents of text files (one each) and JSONL files (one per line)."""
     for path in files:
         if not path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                yield f.read()
+            yield storage.read_text(path)
             continue
-        with open(path, encoding="utf-8") as f:
+        with storage.open(path, "r") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -67,27 +67,25 @@ def prepare(
     files = sources.resolve_paths(input_paths, "--input")
     if not any(text.strip() for text in read_documents(files, text_field)):
         raise ValueError(f"--input={input_paths!r} holds no text to tokenize; check the files.")
-    os.makedirs(output_dir, exist_ok=True)
+    out = storage.makedirs(output_dir)
     if tokenizer:
-        tok, tok_path = tokenizer_lib.Tokenizer.from_file(tokenizer), os.path.abspath(tokenizer)
+        tok, tok_path = tokenizer_lib.Tokenizer.from_file(tokenizer), str(storage.path(tokenizer))
     else:
         texts = read_documents(files, text_field)
         tok = tokenizer_lib.train_tokenizer(texts, vocab_size, max_mb=tokenizer_train_mb)
-        tok.save(os.path.join(output_dir, TOKENIZER_FILE))
+        tok.save(out / TOKENIZER_FILE)
         tok_path = TOKENIZER_FILE  # Relative: the directory can be moved as a whole.
 
     names = [f"data-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
-    writers = [sources.ShardWriter(os.path.join(output_dir, name)) for name in names]
     num_docs = num_tokens = 0
-    try:
+    with contextlib.ExitStack() as stack:
+        locals_ = [stack.enter_context(storage.local_file(out / name)) for name in names]
+        writers = [stack.enter_context(sources.ShardWriter(path)) for path in locals_]
         for texts in _batched(read_documents(files, text_field), 256):
             for ids in tok.encode_batch(texts):
                 if ids:
                     writers[num_docs % num_shards].write(ids)
                     num_docs, num_tokens = num_docs + 1, num_tokens + len(ids)
-    finally:
-        for writer in writers:
-            writer.close()
     metadata = {
         "num_documents": num_docs,
         "num_tokens": num_tokens,
@@ -99,8 +97,7 @@ def prepare(
         "shards": names,
         "format": "one record per document: int32 little-endian token ids, no BOS",
     }
-    with open(os.path.join(output_dir, sources.METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2)
+    storage.write_text(out / sources.METADATA_FILE, json.dumps(metadata, indent=2))
     return metadata
 
 

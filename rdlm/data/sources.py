@@ -3,13 +3,17 @@
 The native format is ArrayRecord with one record per document holding its token ids as int32
 little-endian, without BOS (packing adds it). `prepare` writes it with a `metadata.json` beside the
 shards. Parquet files hold a column of token-id lists (as in `tomg-group-umd/huginn-dataset`).
-Both sources return one `np.int32` array per document and pickle (for grain worker processes).
+Both sources return one `np.int32` array per document and pickle (for grain worker processes). Paths may
+be local or gs:// (parquet through `rdlm.storage` file objects, ArrayRecord through array_record's own
+GCS client). Given a `vocab_size`, a source refuses ids outside [0, vocab_size) in one sentence naming
+the file, the record and the id: parquet statistics are checked when the source opens, every record
+when it is read.
 """
 
 import collections
-import glob
+import contextlib
 import json
-import os
+import threading
 from collections.abc import Sequence
 
 import grain
@@ -18,6 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from array_record.python import array_record_module
+
+from rdlm import storage
 
 METADATA_FILE = "metadata.json"
 _RECORD_DTYPE = np.dtype("<i4")
@@ -31,14 +37,29 @@ def resolve_paths(paths: str | Sequence[str], field: str = "data.paths") -> list
         raise ValueError(f"{field} is empty; set it to a file, a glob or a list of them.")
     files = []
     for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        matches = [m for m in matches if os.path.isfile(m)]
+        matches = storage.glob(pattern)
         if not matches:
             raise FileNotFoundError(
-                f"{field}: {pattern!r} matches no file; check the path or glob."
+                f"{field}: {pattern!r} matches no file{storage.missing_reason(pattern)}; check the path or glob."
             )
         files.extend(matches)
     return files
+
+
+def _id_error(where: str, value: int, vocab_size: int) -> ValueError:
+    return ValueError(
+        f"{where} holds token id {value}, outside [0, model.vocab_size={vocab_size}); "
+        "raise model.vocab_size above the corpus's largest id, or fix the corpus."
+    )
+
+
+def check_ids(ids: np.ndarray, vocab_size: int | None, where) -> None:
+    """Raises if an id of `ids` is outside [0, vocab_size); `where(i)` names the place of ids[i]."""
+    if vocab_size is None or not len(ids):
+        return
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if len(bad):
+        raise _id_error(where(int(bad[0])), int(ids[bad[0]]), vocab_size)
 
 
 def encode_record(ids: Sequence[int] | np.ndarray) -> bytes:
@@ -73,14 +94,32 @@ class ShardWriter:
 class ArrayRecordSource:
     """Documents from native ArrayRecord shards, as int32 id arrays."""
 
-    def __init__(self, paths: Sequence[str]):
-        self._records = grain.sources.ArrayRecordDataSource(list(paths))
+    def __init__(self, paths: Sequence[str], vocab_size: int | None = None):
+        self._paths, self._vocab_size = list(paths), vocab_size
+        self._records = grain.sources.ArrayRecordDataSource(self._paths)
+        self._starts = None
+
+    def __getstate__(self):
+        return {"paths": self._paths, "vocab_size": self._vocab_size}
+
+    def __setstate__(self, state):
+        self.__init__(state["paths"], state["vocab_size"])
 
     def __len__(self) -> int:
         return len(self._records)
 
+    def _where(self, index: int) -> str:
+        """'FILE record i' for a global record index (shard lengths are read only on this error path)."""
+        if self._starts is None:
+            sizes = [array_record_module.ArrayRecordReader(p).num_records() for p in self._paths]
+            self._starts = np.concatenate([[0], np.cumsum(sizes)])
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return f"{self._paths[shard]} record {index - int(self._starts[shard])}"
+
     def __getitem__(self, index: int) -> np.ndarray:
-        return decode_record(self._records[index])
+        ids = decode_record(self._records[index])
+        check_ids(ids, self._vocab_size, lambda _: self._where(int(index)))
+        return ids
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({len(self)} documents)"
@@ -102,42 +141,72 @@ class ParquetSource:
     """
 
     _CACHED_ROW_GROUPS = 4
+    _OPEN_FILES_PER_THREAD = 8
 
-    def __init__(self, paths: Sequence[str], column: str = "input_ids"):
-        self._paths, self._column = list(paths), column
-        self._groups = []  # (path index, row group index) in order.
+    def __init__(self, paths: Sequence[str], column: str = "input_ids", vocab_size: int | None = None):
+        self._paths, self._column, self._vocab_size = list(paths), column, vocab_size
+        self._groups = []  # (path index, row group index, first row of the group in its file) in order.
         sizes = []
         for i, path in enumerate(self._paths):
-            meta = pq.ParquetFile(path)
-            _check_column(path, meta.schema_arrow, column)
-            for g in range(meta.metadata.num_row_groups):
-                self._groups.append((i, g))
-                sizes.append(meta.metadata.row_group(g).num_rows)
+            with contextlib.ExitStack() as stack:
+                remote = storage.local_path(path) is None
+                meta = pq.ParquetFile(stack.enter_context(storage.open(path, "rb", random_access=True))
+                                      if remote else storage.local_path(path))
+                _check_column(path, meta.schema_arrow, column)
+                row = 0
+                for g in range(meta.metadata.num_row_groups):
+                    group = meta.metadata.row_group(g)
+                    _check_statistics(path, meta, g, column, vocab_size)
+                    self._groups.append((i, g, row))
+                    sizes.append(group.num_rows)
+                    row += group.num_rows
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self._files, self._cache = {}, collections.OrderedDict()
+        self._cache, self._lock, self._open = collections.OrderedDict(), threading.Lock(), threading.local()
 
     def __getstate__(self):
-        return {"paths": self._paths, "column": self._column}
+        return {"paths": self._paths, "column": self._column, "vocab_size": self._vocab_size}
 
     def __setstate__(self, state):
-        self.__init__(state["paths"], state["column"])
+        self.__init__(state["paths"], state["column"], state["vocab_size"])
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
     def _row_group(self, group: int) -> tuple[np.ndarray, np.ndarray]:
         """Returns (offsets, values) of one row group, from the cache when possible."""
-        if group in self._cache:
-            self._cache.move_to_end(group)
-            return self._cache[group]
-        file_index, row_group = self._groups[group]
-        if file_index not in self._files:
-            self._files[file_index] = pq.ParquetFile(self._paths[file_index])
-        table = self._files[file_index].read_row_group(row_group, columns=[self._column])
-        self._cache[group] = _flatten_lists(table.column(0))
-        if len(self._cache) > self._CACHED_ROW_GROUPS:
-            self._cache.popitem(last=False)
-        return self._cache[group]
+        with self._lock:
+            if group in self._cache:
+                self._cache.move_to_end(group)
+                return self._cache[group]
+        file_index, row_group, first_row = self._groups[group]
+        path = self._paths[file_index]
+        table = self._reader(file_index).read_row_group(row_group, columns=[self._column])
+        offsets, values = _flatten_lists(table.column(0))
+
+        def where(i: int) -> str:
+            row = first_row + int(np.searchsorted(offsets, i, side="right")) - 1
+            return f"{path} row {row} (column {self._column!r})"
+
+        check_ids(values, self._vocab_size, where)
+        with self._lock:
+            self._cache[group] = offsets, values
+            if len(self._cache) > self._CACHED_ROW_GROUPS:
+                self._cache.popitem(last=False)
+        return offsets, values
+
+    def _reader(self, file_index: int) -> pq.ParquetFile:
+        """This thread's reader of one file. grain reads from several threads, and a pyarrow reader over a gs://
+        file object crashes when two threads share it; a few files stay open per thread, not one per file."""
+        files = self._open.__dict__.setdefault("files", collections.OrderedDict())
+        if file_index in files:
+            files.move_to_end(file_index)
+            return files[file_index]
+        path = self._paths[file_index]
+        source = storage.local_path(path) or storage.open(path, "rb", random_access=True)
+        files[file_index] = pq.ParquetFile(source)
+        if len(files) > self._OPEN_FILES_PER_THREAD:
+            files.popitem(last=False)
+        return files[file_index]
 
     def __getitem__(self, index: int) -> np.ndarray:
         index = int(index)
@@ -168,16 +237,32 @@ def _check_column(path: str, schema: pa.Schema, column: str) -> None:
         )
 
 
+def _check_statistics(path: str, meta: pq.ParquetFile, group: int, column: str, vocab_size: int | None) -> None:
+    """Raises if a row group's min/max statistics (when written) put an id outside [0, vocab_size)."""
+    if vocab_size is None:
+        return
+    row_group = meta.metadata.row_group(group)
+    for c in range(row_group.num_columns):
+        chunk = row_group.column(c)
+        if chunk.path_in_schema.split(".")[0] != column or chunk.statistics is None:
+            continue
+        stats = chunk.statistics
+        if not stats.has_min_max:
+            continue
+        for value in (stats.min, stats.max):
+            if not 0 <= value < vocab_size:
+                raise _id_error(f"{path} row group {group} (column {column!r}, by its statistics)", value, vocab_size)
+
+
 def read_metadata(paths: Sequence[str]) -> dict | None:
     """Returns the `metadata.json` that `prepare` wrote beside the first shard, if there is one."""
-    path = os.path.join(os.path.dirname(os.path.abspath(paths[0])), METADATA_FILE)
-    if not os.path.isfile(path):
+    path = storage.path(paths[0]).parent / METADATA_FILE
+    if not storage.exists(path):
         return None
-    with open(path) as f:
-        meta = json.load(f)
+    meta = json.loads(storage.read_text(path))
     tokenizer = meta.get("tokenizer")
-    if tokenizer and not os.path.isabs(tokenizer):
-        meta["tokenizer"] = os.path.join(os.path.dirname(path), tokenizer)
+    if tokenizer and not (tokenizer.startswith("/") or storage.is_remote(tokenizer)):
+        meta["tokenizer"] = str(path.parent / tokenizer)
     return meta
 
 

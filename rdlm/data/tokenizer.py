@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from rdlm import storage
+
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Indentation runs, written with U+2581 (SentencePiece's space) so they become single pieces.
 INDENT_PIECES = tuple("\u2581" * n for n in (2, 4, 8, 12, 16))
@@ -29,19 +31,17 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Loads a `.model` file written by SentencePiece or by `save`."""
-        if not os.path.isfile(path):
+        """Loads a `.model` file (local or gs://) written by SentencePiece or by `save`."""
+        if not storage.is_file(path):
             raise FileNotFoundError(
-                f"Tokenizer file {str(path)!r} does not exist; pass the path of a SentencePiece "
-                ".model file (data.tokenizer or --tokenizer)."
+                f"Tokenizer file {str(path)!r} does not exist{storage.missing_reason(path)}; pass the path of a "
+                "SentencePiece .model file (data.tokenizer or --tokenizer)."
             )
-        with open(path, "rb") as f:
-            return cls(f.read())
+        return cls(storage.read_bytes(path))
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the model so that `from_file` (or any SentencePiece tool) can read it."""
-        with open(path, "wb") as f:
-            f.write(self._model_proto)
+        storage.write_bytes(path, self._model_proto)
 
     @property
     def model_proto(self) -> bytes:
@@ -154,9 +154,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_mb: float = 0.
     return Tokenizer(model.getvalue())
 
 
-def check_vocab(tokenizer_vocab: int, model_vocab: int) -> None:
-    """Raises if the tokenizer can produce ids the model's embedding table does not have."""
-    if tokenizer_vocab > model_vocab:
+def check_vocab(tokenizer_vocab: int | None, model_vocab: int) -> None:
+    """Raises if the tokenizer can produce ids the model's embedding table does not have.
+
+    `None` (a corpus of bare ids, with no tokenizer or metadata) passes: the data sources check every id.
+    """
+    if tokenizer_vocab is not None and tokenizer_vocab > model_vocab:
         raise ValueError(
             f"The tokenizer has {tokenizer_vocab} tokens but model.vocab_size is {model_vocab}; "
             f"set model.vocab_size to at least {tokenizer_vocab} or use a smaller tokenizer."

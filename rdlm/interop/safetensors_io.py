@@ -1,16 +1,18 @@
 """Read and write the safetensors format with NumPy alone (bf16 through ml_dtypes), tensor by tensor.
 
-Reading memory-maps each tensor, so a 3.5B checkpoint is never read into memory as a whole; writing
-streams tensors one after another into a single file.
+A local file is memory-mapped tensor by tensor; a gs:// file is read one tensor's byte range at a time. So
+a 3.5B checkpoint is never read into memory as a whole. Writing streams tensors one after another into a
+single file (local or gs://).
 """
 
 import json
-import pathlib
 import struct
 from collections.abc import Callable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from rdlm import storage
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -34,8 +36,8 @@ class SafetensorsFile:
     """One .safetensors file: its header, and memory-mapped tensors on demand."""
 
     def __init__(self, path):
-        self.path = pathlib.Path(path)
-        with open(self.path, "rb") as f:
+        self.path = storage.path(path)
+        with storage.open(self.path, "rb", random_access=True) as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             try:
                 header = json.loads(f.read(header_len))
@@ -60,27 +62,28 @@ class SafetensorsFile:
         shape = tuple(entry["shape"])
         if end - begin != dtype.itemsize * int(np.prod(shape)):
             raise ValueError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape {shape}.")
-        if not shape or end == begin:
-            with open(self.path, "rb") as f:
+        local = storage.local_path(self.path)
+        if local is None or not shape or end == begin:
+            with storage.open(self.path, "rb", random_access=True) as f:
                 f.seek(self._data_start + begin)
                 return np.frombuffer(f.read(end - begin), dtype).reshape(shape)
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+        return np.memmap(local, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
 
 class CheckpointTensors(Mapping):
     """All tensors of a checkpoint directory: one `model.safetensors`, or shards listed in an index."""
 
     def __init__(self, directory):
-        directory = pathlib.Path(directory)
+        directory = storage.path(directory)
         index = directory / INDEX_FILE
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        if storage.exists(index):
+            weight_map = json.loads(storage.read_text(index))["weight_map"]
             files = {name: SafetensorsFile(directory / name) for name in sorted(set(weight_map.values()))}
             self._where = {key: files[name] for key, name in weight_map.items()}
         else:
             single = directory / SINGLE_FILE
-            if not single.exists():
-                found = sorted(p.name for p in directory.glob("*.safetensors"))
+            if not storage.exists(single):
+                found = [name.rsplit("/", 1)[-1] for name in storage.glob(f"{directory}/*.safetensors")]
                 if len(found) != 1:
                     raise FileNotFoundError(
                         f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} (found {found or 'no'} "
@@ -115,11 +118,11 @@ def write_file(path, tensors: Mapping[str, Callable[[], np.ndarray]], shapes: Ma
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    with storage.atomic_write(path, "wb") as f:  # a failed write leaves no truncated file behind
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for key, make in tensors.items():
             array = np.ascontiguousarray(make(), dtype=dtypes[key])
             if array.shape != tuple(shapes[key]):
                 raise ValueError(f"Tensor {key!r} has shape {array.shape}; its header says {tuple(shapes[key])}.")
-            array.tofile(f)
+            f.write(array.reshape(-1).view(np.uint8).data)

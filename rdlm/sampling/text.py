@@ -3,11 +3,10 @@ through the `tokenizers` package, with huginn's chat template (spec section 3.8)
 
 import dataclasses
 import json
-import os
 
 from etils import epath
 
-from rdlm import checkpoint_io
+from rdlm import checkpoint_io, storage
 
 HUGINN_SPECIALS = {"bos": "<|begin_text|>", "end_text": "<|end_text|>", "begin_header": "<|begin_header|>",
                    "end_header": "<|end_header|>", "end_turn": "<|end_turn|>", "pad": "<|pad|>"}
@@ -62,13 +61,12 @@ def _sentencepiece(path) -> TextCodec:
 def _hf_tokenizer(path) -> TextCodec:
     import tokenizers
 
-    tok = tokenizers.Tokenizer.from_file(str(path))
+    tok = tokenizers.Tokenizer.from_str(storage.read_text(path))
     ids = {name: tok.token_to_id(token) for name, token in HUGINN_SPECIALS.items()}
     stops = {ids[k] for k in ("bos", "end_text", "end_turn") if ids[k] is not None}  # the reference's stop set
-    config = os.path.join(os.path.dirname(str(path)), "generation_config.json")
-    if os.path.isfile(config):
-        with open(config) as f:
-            eos = json.load(f).get("eos_token_id")
+    config = storage.path(path).parent / "generation_config.json"
+    if storage.exists(config):
+        eos = json.loads(storage.read_text(config)).get("eos_token_id")
         stops.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
     chat = all(ids[k] is not None for k in ("bos", "begin_header", "end_header", "end_turn"))
     return TextCodec(
@@ -81,29 +79,26 @@ def _hf_tokenizer(path) -> TextCodec:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
 def tokenizer_path(checkpoint) -> epath.Path:
-    """Where a checkpoint's tokenizer lives: the HF directory's tokenizer.json (or .model), the training
-    workdir's tokenizer.model, or for an Orbax step directory WORKDIR/checkpoints/<step>, WORKDIR's."""
-    directory = epath.Path(checkpoint)
-    kind = checkpoint_io.kind_of(directory)
-    if kind == "hf":
-        candidates = [directory / "tokenizer.json", directory / "tokenizer.model"]
-    elif kind == "workdir":
-        candidates = [directory / "tokenizer.model"]
-    else:
-        candidates = [directory / "tokenizer.model", directory.parent.parent / "tokenizer.model"]
+    """Where a checkpoint's tokenizer lives: tokenizer.json (huginn's) or tokenizer.model (SentencePiece) in the
+    checkpoint directory (HF, a converted Orbax directory, a training workdir), or for a training step
+    WORKDIR/checkpoints/<step>, in WORKDIR."""
+    candidates = [d / name for d in checkpoint_io.companion_dirs(checkpoint) for name in TOKENIZER_FILES]
     for path in candidates:
-        if path.exists():
+        if storage.exists(path):
             return path
     raise FileNotFoundError(
-        f"No tokenizer found for checkpoint {directory} (looked for {', '.join(str(p) for p in candidates)}); "
-        "pass --tokenizer=PATH (a SentencePiece .model or a tokenizer.json)."
+        f"No tokenizer found for checkpoint {storage.path(checkpoint)} (looked for "
+        f"{', '.join(str(p) for p in candidates)}); pass --tokenizer=PATH (a SentencePiece .model or a tokenizer.json)."
     )
 
 
 def load_codec(checkpoint, tokenizer: str | None = None) -> TextCodec:
     """The codec of `tokenizer` (a .model or tokenizer.json path) or else of the checkpoint's own tokenizer."""
-    path = epath.Path(tokenizer) if tokenizer else tokenizer_path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"Tokenizer file {path} does not exist.")
+    path = storage.path(tokenizer) if tokenizer else tokenizer_path(checkpoint)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"Tokenizer file {path} does not exist{storage.missing_reason(path)}.")
     return _hf_tokenizer(path) if path.suffix == ".json" else _sentencepiece(path)
