@@ -230,15 +230,17 @@ def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
 
 
 def make_eval_batches(config, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                      num_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+                      num_batches: int | None = None, docs: list | None = None) -> list[dict[str, np.ndarray]]:
     """Returns the fixed validation batches of this process, the same on every call.
 
     Every process gets exactly `num_batches` (default `data.eval_batches`) full batches, padded with
     zero-weight rows where its share of the held-out documents runs out, so hosts stay in step.
+    `docs` replaces the config's validation documents (e.g. ones encoded with a run's saved tokenizer).
     """
     cfg = config_lib.data_section(config)
     num_batches = cfg.eval_batches if num_batches is None else num_batches
-    ds = documents(cfg, "eval").shuffle(seed=_EVAL_SHUFFLE_SEED)
+    ds = documents(cfg, "eval") if docs is None else grain.MapDataset.source(docs)
+    ds = ds.shuffle(seed=_EVAL_SHUFFLE_SEED)
     ds = _host_slice(ds, process_index, process_count)
     it = _pack_and_batch(ds, cfg, batch_size, drop_remainder=False, read_threads=0)
     batches = list(itertools.islice(iter(it), num_batches))
