@@ -1,11 +1,13 @@
 """Token-by-token evaluation with the KV cache: greedy generation and teacher-forced scoring at a traced r.
 
-Both run rdlm.sampling's cached block (`run_block`): the context but its last token is prefilled
-at full depth, then each step feeds one token, with an optional adaptive exit per token, and reads
-the next-token distribution. Generation appends the greedy token until a stop id or the budget;
-scoring feeds the given continuation instead and records its log-probabilities. The number of
-iterations r is a traced argument and the cache holds `depth` slots (the largest r evaluated), so
-one compiled program serves every r <= depth for each (batch, context bucket, step bucket).
+Both run rdlm.sampling's cached block (`run_block`): each row's context but its last token is
+prefilled at full depth, then each step feeds one token, with an optional adaptive exit per token,
+and reads the next-token distribution. Generation appends the greedy token until a stop id or the
+budget (its prompt runs at full depth, as in rdlm.sampling); scoring feeds given tokens instead and
+records their log-probabilities (the engine starts it from the first token, so that with an exit
+every token's compute is adaptive). The number of iterations r is a traced argument and the cache
+holds `depth` slots (the largest r evaluated), so one compiled program serves every r <= depth for
+each (batch, context bucket, step bucket).
 
 Every position's random initial state comes from (seed, the request's own seed, its position), so
 a request scores the same in any batch, bucket or order.
@@ -66,13 +68,13 @@ def knobs_for(exit: ExitCriterion | None, stop_ids) -> Knobs:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "depth", "exit", "init_scale", "generate"))
-def run(params, context_BP, context_len_B, forced_BM, steps_len_B, seeds_B, key, num_steps, knobs: Knobs, *,
-        config: ModelConfig, depth: int, exit: ExitCriterion | None, init_scale: float, generate: bool) -> _Loop:
+@functools.partial(jax.jit, static_argnames=("config", "depth", "exit", "init_scale"))
+def run(params, context_BP, context_len_B, forced_BM, forced_len_B, steps_len_B, seeds_B, key, num_steps,
+        knobs: Knobs, *, config: ModelConfig, depth: int, exit: ExitCriterion | None, init_scale: float) -> _Loop:
     """Prefill each row's context (right-padded, length >= 1), then take up to steps_len_B[b] steps.
 
-    generate=True: greedy tokens, a row also ending at a stop id (knobs.stop_tokens) which it emits.
-    generate=False: row b feeds forced_BM[b, :steps_len_B[b]] and scores each of those tokens.
+    Row b's first forced_len_B[b] steps feed forced_BM[b] (and score those tokens); its later steps
+    are greedy, the row ending at a stop id (knobs.stop_tokens), which it emits.
     """
     model = RecurrentLM(config)
     per_layer = unstack_layers(params)  # what the one-token steps read, as rdlm.sampling's decode loop does
@@ -96,11 +98,11 @@ def run(params, context_BP, context_len_B, forced_BM, steps_len_B, seeds_B, key,
                       num_steps=num_steps, exit=exit, knobs=knobs)
         logp_BV = jax.nn.log_softmax(o.logits[:, -1].astype(jnp.float32), axis=-1)
         best = jnp.argmax(logp_BV, axis=-1).astype(jnp.int32)
-        token = best if generate else forced_BM[:, s.j]
+        forced = s.j < forced_len_B
+        token = jnp.where(forced, forced_BM[:, jnp.minimum(s.j, M - 1)], best)
         record = lambda buf, value: buf.at[:, s.j].set(jnp.where(live, value, buf[:, s.j]))  # noqa: E731
-        ended = s.j + 1 >= steps_len_B
-        if generate:
-            ended |= jnp.any(token[:, None] == knobs.stop_tokens[None, :], axis=-1)
+        stop = jnp.any(token[:, None] == knobs.stop_tokens[None, :], axis=-1) & ~forced
+        ended = (s.j + 1 >= steps_len_B) | stop
         return s.replace(
             cache=o.cache,
             j=s.j + 1,

@@ -35,7 +35,7 @@ _MIN_BUCKET = 16
 @dataclasses.dataclass
 class Scored:
     """Per request: summed log-probability of the continuation, whether it is the greedy one, and the
-    core iterations each of its tokens used."""
+    core iterations each token used (with an exit: every token of context and continuation)."""
 
     loglikelihood: list[float]
     greedy: list[bool]
@@ -132,20 +132,29 @@ class Engine:
         knobs = decoding.knobs_for(exit, self.codec.stop_ids)
         for chunk in self._chunks(order, lambda i: bucket(len(prompts[i]), limit - max_gen_toks)):
             P = bucket(max(len(prompts[i]) for i in chunk), limit - max_gen_toks)
-            context, lengths, seeds = self._context_batch([prompts[i] for i in chunk], P)
-            forced = np.zeros((self.rows, max_gen_toks), np.int32)
-            budget = np.full((self.rows,), max_gen_toks, np.int32)
-            budget[len(chunk):] = 0
-            out = self._run(context, lengths, forced, budget, seeds, num_steps, knobs, exit, generate=True)
+            seeds = np.zeros((self.rows,), np.uint32)
+            seeds[:len(chunk)] = [request_seed(prompts[i]) for i in chunk]
+            budget = np.zeros((self.rows,), np.int32)
+            if exit is None:  # the prompt prefilled at full depth, as rdlm.sampling does
+                context, lengths = self._context_batch([prompts[i] for i in chunk], P)
+                forced, forced_len = np.zeros((self.rows, max_gen_toks), np.int32), budget.copy()
+            else:  # every token one at a time through the exit, prompt included
+                context, lengths = self._context_batch([prompts[i][:1] for i in chunk], 1)
+                forced, forced_len = np.zeros((self.rows, P - 1 + max_gen_toks), np.int32), budget.copy()
+                for row, i in enumerate(chunk):
+                    forced[row, :len(prompts[i]) - 1] = prompts[i][1:]
+                    forced_len[row] = len(prompts[i]) - 1
+            budget[:len(chunk)] = forced_len[:len(chunk)] + max_gen_toks
+            out = self._run(context, lengths, forced, forced_len, budget, seeds, num_steps, knobs, exit)
             tokens, used = np.asarray(out.tokens_BM), np.asarray(out.steps_BM)
             for row, i in enumerate(chunk):
-                n = int((used[row] > 0).sum())
-                ids = [t for t in tokens[row, :n].tolist() if t not in self.codec.stop_ids]
+                n, first = int((used[row] > 0).sum()), int(forced_len[row])
+                ids = [t for t in tokens[row, first:n].tolist() if t not in self.codec.stop_ids]
                 text = self.codec.decode(ids)
                 for stop in until:
                     if stop:
                         text = text.split(stop)[0]
-                texts[i], steps[i] = text, used[row, :n].tolist()
+                texts[i], steps[i] = text, used[row, :n].tolist()  # with an exit, the prompt's too
         return Generated(texts, steps)
 
     # Batching.
@@ -185,41 +194,43 @@ class Engine:
         return Scored(lls, greedy, [[int(num_steps)] * r[1] for r in rows])
 
     def _cached_scores(self, rows, num_steps: int, exit: ExitCriterion) -> Scored:
+        """Every token, context included, one at a time with the exit: the iterations are all the compute spent."""
         limit = self.config.block_size
         lls, greedy, steps = [0.0] * len(rows), [False] * len(rows), [[] for _ in rows]
         knobs = decoding.knobs_for(exit, ())
-        key = lambda i: (bucket(len(rows[i][0]) - rows[i][1], limit), bucket(rows[i][1], limit))  # noqa: E731
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-        for chunk in self._chunks(order, key):
-            P, M = key(chunk[0])
-            context, lengths, _ = self._context_batch([rows[i][0][:-rows[i][1]] for i in chunk], P)
+        for chunk in self._chunks(order, lambda i: bucket(len(rows[i][0]) - 1, limit)):
+            M = bucket(max(len(rows[i][0]) for i in chunk) - 1, limit)
+            context, lengths = self._context_batch([rows[i][0][:1] for i in chunk], 1)
             forced, budget = np.zeros((self.rows, M), np.int32), np.zeros((self.rows,), np.int32)
             seeds = np.zeros((self.rows,), np.uint32)
             for row, i in enumerate(chunk):
-                whole, n_cont, seed = rows[i]
-                forced[row, :n_cont], budget[row], seeds[row] = whole[-n_cont:], n_cont, seed
-            out = self._run(context, lengths, forced, budget, seeds, num_steps, knobs, exit, generate=False)
+                whole, _, seed = rows[i]
+                forced[row, :len(whole) - 1], budget[row], seeds[row] = whole[1:], len(whole) - 1, seed
+            out = self._run(context, lengths, forced, budget, budget, seeds, num_steps, knobs, exit)
             logp, ok, used = np.asarray(out.logp_BM), np.asarray(out.greedy_BM), np.asarray(out.steps_BM)
             for row, i in enumerate(chunk):
-                n = rows[i][1]
-                lls[i], greedy[i], steps[i] = float(logp[row, :n].sum()), bool(ok[row, :n].all()), used[row, :n].tolist()
+                whole, n_cont, _ = rows[i]
+                span = slice(len(whole) - 1 - n_cont, len(whole) - 1)
+                lls[i], greedy[i] = float(logp[row, span].sum()), bool(ok[row, span].all())
+                steps[i] = used[row, :len(whole) - 1].tolist()
         return Scored(lls, greedy, steps)
 
     def _context_batch(self, prompts, P: int):
         context = np.full((self.rows, P), self.prefix_id, np.int32)
         lengths = np.ones((self.rows,), np.int32)
-        seeds = np.zeros((self.rows,), np.uint32)
         for row, ids in enumerate(prompts):
-            context[row, :len(ids)], lengths[row], seeds[row] = ids, len(ids), request_seed(ids)
-        return context, lengths, seeds
+            context[row, :len(ids)], lengths[row] = ids, len(ids)
+        return context, lengths
 
-    def _run(self, context, lengths, forced, budget, seeds, num_steps, knobs, exit, *, generate: bool):
+    def _run(self, context, lengths, forced, forced_len, budget, seeds, num_steps, knobs, exit):
         if num_steps < 1:
             raise ValueError(f"num_steps={num_steps} must be >= 1.")
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return decoding.run(self.params, *self._put(context, lengths, forced, budget, seeds), self.key,
-                                jnp.int32(num_steps), knobs, config=self.config, depth=self.depth_for(num_steps),
-                                exit=decoding.static_exit(exit), init_scale=self.init_scale, generate=generate)
+            return decoding.run(self.params, *self._put(context, lengths, forced, forced_len, budget, seeds),
+                                self.key, jnp.int32(num_steps), knobs, config=self.config,
+                                depth=self.depth_for(num_steps), exit=decoding.static_exit(exit),
+                                init_scale=self.init_scale)
 
     def depth_for(self, num_steps: int) -> int:
         """KV slots per token: max_steps, or a larger r once asked for (that recompiles), so every r <= it
