@@ -89,8 +89,9 @@ class Engine:
 
     # Tokenisation as lm-eval's TemplateLM.
     def encode(self, text: str) -> list[int]:
-        """BOS + the text's ids: how every training document starts."""
-        return [self.prefix_id] + list(self.codec.encode_fn(text))
+        """BOS + the text's ids, how every training document starts (one BOS if the text has its own)."""
+        ids = list(self.codec.encode_fn(text))
+        return ids if ids and ids[0] == self.prefix_id else [self.prefix_id] + ids
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if not context:
