@@ -130,12 +130,9 @@ def eval_batches(config, mesh, rules, tokenizer=None) -> list:
     tokenizer is rebuilt from the built-in corpus.
     """
     sharding.check_batch(config.eval.batch_size, mesh, rules, "eval.batch_size")
-    docs = None
-    if tokenizer is not None and config.data.source == "builtin":
-        docs = builtin.eval_documents(config.data, tokenizer)
     local = pipeline.make_eval_batches(
         config, batch_size=config.eval.batch_size // jax.process_count(), process_index=jax.process_index(),
-        process_count=jax.process_count(), docs=docs,
+        process_count=jax.process_count(), tokenizer=tokenizer,
     )
     batch_sharding = sharding.batch_sharding(mesh, rules)
     return [sharding.global_batch(b, batch_sharding, config.eval.batch_size) for b in local]

@@ -10,10 +10,10 @@ at difficulties large enough to hold out.
 """
 
 import json
-
-from etils import epath
+import pathlib
 
 from absl import flags
+from etils import epath
 
 from rdlm import cli
 

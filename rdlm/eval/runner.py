@@ -47,6 +47,21 @@ class LoadedModel:
                       init_scale=self.init_scale if init_scale is None else init_scale,
                       seed=self.seed if seed is None else seed, max_steps=max_steps)
 
+    def generate(self, prompt: str, *, num_steps: int = 32, exit: str = "", max_new_tokens: int = 32,
+                 chat: bool = False, init_scale: float | None = None, seed: int = 0) -> tuple[str, list[int]]:
+        """Greedy text after `prompt` (huginn's chat template with `chat`) and the iterations of each new token."""
+        from rdlm import sampling
+
+        criterion = parse_exit(exit) if exit else None
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            out = sampling.generate(
+                self.config, self.params, [self.codec.prompt_ids(prompt, chat=chat)], max_new_tokens=max_new_tokens,
+                num_steps=num_steps, stop_tokens=self.codec.stop_ids, pad_id=self.codec.pad_id,
+                init_scale=self.init_scale if init_scale is None else init_scale, rng=jax.random.key(seed),
+                exit_criterion=criterion and criterion.name, exit_threshold=criterion and criterion.threshold)
+        new = out.new_tokens()[0]
+        return self.codec.decode(new), [int(s) for s in np.asarray(out.steps_per_token)[0][:len(new)]]
+
     @property
     def init_scale(self) -> float:
         """The run's evaluation init_scale, else the reference's default (1.0: a random initial state)."""
