@@ -111,11 +111,9 @@ def test_shipped_tasks_come_from_the_builtin_problems():
 
 def test_evaluate_cli_bad_input_is_one_sentence(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    bad = _jsonl(tmp_path / "bad.jsonl", {"context": "q", "choices": ["a"], "label": 3})
     for args, message in [
         ([f"--checkpoint={tmp_path / 'missing'}"], f"error: Checkpoint path {tmp_path / 'missing'} does not exist."),
         (["--tasks=nope", "--write_lm_eval_tasks=" + str(tmp_path / "y")], "error: Unknown task 'nope'"),
-        ([f"--tasks={bad}", "--write_lm_eval_tasks=" + str(tmp_path / "y")], f"error: Task file {bad}:1: 'label' 3"),
     ]:
         proc = subprocess.run([sys.executable, "-m", "rdlm.evaluate", *args], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=300)

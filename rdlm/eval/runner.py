@@ -152,7 +152,7 @@ def _run_scores(model: LoadedModel, which, num_steps, exit, engine) -> dict:
     config.eval.final_num_steps = tuple(num_steps)
     if "builtin" in which and not heldout.has_reasoning(config):
         raise ValueError(f"Task 'builtin' needs a run trained on the built-in problems; {model.checkpoint} is not one.")
-    config.eval.reasoning = "builtin" in which
+    config.eval.reasoning = "builtin" in which and exit is None  # with an exit it is scored below instead
     rlm = RecurrentLM(model.config)
     with jax.set_mesh(model.mesh), nn.logical_axis_rules(model.rules):
         batches = heldout.eval_batches(config, model.mesh, model.rules, model.tokenizer)

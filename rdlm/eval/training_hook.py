@@ -1,5 +1,7 @@
 """Scores `eval.tasks` at every `eval.num_steps` during training, as metrics for metrics.jsonl and TensorBoard."""
 
+import jax
+
 from rdlm.data import pipeline
 from rdlm.eval import runner
 from rdlm.eval.engine import Engine
@@ -17,6 +19,9 @@ class TaskHook:
     """Loads the tasks and compiles their programs once; each call scores the current params."""
 
     def __init__(self, config, model_config, mesh, rules):
+        if jax.process_count() > 1:
+            raise ValueError(f"eval.tasks={config.eval.tasks!r} runs in single-process training only; set it to '' "
+                             "and score the checkpoints with python -m rdlm.evaluate.")
         which, self.tasks = runner.split_tasks(str(config.eval.tasks).split(","))
         if which:
             raise ValueError(f"eval.tasks={config.eval.tasks!r}: {which} are logged by eval.every_steps already "
