@@ -10,7 +10,6 @@ at difficulties large enough to hold out.
 """
 
 import json
-import pathlib
 
 from absl import flags
 from etils import epath
@@ -21,7 +20,7 @@ FLAGS = flags.FlagValues()
 _TASKS = flags.DEFINE_list("tasks", ["parity"], "Tasks of rdlm.data.tasks to ship.", flag_values=FLAGS)
 _NUM = flags.DEFINE_integer("num", 512, "Problems per task.", flag_values=FLAGS)
 _DIFFICULTIES = flags.DEFINE_string("difficulties", "1-32", "Difficulty range lo-hi.", flag_values=FLAGS)
-_OUT = flags.DEFINE_string("out", str(pathlib.Path(__file__).parent / "data"), "Output directory.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", str(epath.Path(__file__).parent / "data"), "Output directory.", flag_values=FLAGS)
 _MAX_CHOICES = 10  # a task with more distinct answers gets no multiple-choice version
 
 
