@@ -31,10 +31,11 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from rdlm import checkpoint, checkpoint_io, evaluate, metrics, perf, sharding, state as state_lib, steps, storage
+from rdlm import checkpoint, checkpoint_io, metrics, perf, sharding, state as state_lib, steps, storage
 from rdlm import program as program_lib
 from rdlm.data import pipeline
 from rdlm.data import tokenizer as tokenizer_lib
+from rdlm.eval import heldout, report, training_hook
 
 
 class Preempted(Exception):
@@ -140,7 +141,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
 
     accum, batch_sharding, train_step = micro.grad_accum_steps, program.batch_sharding, program.train_step
     eval_step = jax.jit(steps.make_eval_step(model, config.eval.init_scale), out_shardings=sharding.replicated(mesh))
-    eval_batches = None
+    eval_batches, task_hook = None, None
 
     primary = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir, is_primary=primary, resume_step=first_step if first_step else None)
@@ -175,13 +176,16 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         log_pending()  # fetched one step late: the device never waits for the host
         pending = (step, step_metrics) if step % config.log.every_steps == 0 or step == config.train.num_steps else None
         if config.eval.every_steps and step % config.eval.every_steps == 0:
-            eval_batches = eval_batches or evaluate.eval_batches(config, mesh, rules)
+            eval_batches = eval_batches or heldout.eval_batches(config, mesh, rules)
             writer.write(
                 step,
-                evaluate.validation_loss(
+                heldout.validation_loss(
                     eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed
                 ),
             )
+            if config.eval.tasks:  # shipped or JSONL tasks into metrics.jsonl and TensorBoard
+                task_hook = task_hook or training_hook.TaskHook(config, model_config, mesh, rules)
+                writer.write(step, task_hook(state.params))
         out_of_time = budget_s and time.perf_counter() - started > budget_s
         if step % config.checkpoint.every_steps == 0 or out_of_time:
             save(state)
@@ -201,12 +205,12 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
 
     result = {}
     if config.eval.final_num_steps:
-        eval_batches = eval_batches or evaluate.eval_batches(config, mesh, rules)
-        result = evaluate.recurrence_scaling(config, model, state.params, mesh, rules, eval_batches, eval_step)
-        evaluate.write_results(workdir, result)
+        eval_batches = eval_batches or heldout.eval_batches(config, mesh, rules)
+        result = heldout.recurrence_scaling(config, model, state.params, mesh, rules, eval_batches, eval_step)
+        report.write_results(workdir, result)
         if primary:
-            print(evaluate.format_table(result), flush=True)
-            print(f"Wrote {workdir / evaluate.SCALING_JSON} and {workdir / evaluate.SCALING_PNG}", flush=True)
+            print(report.format_table(result), flush=True)
+            print(f"Wrote {workdir / report.SCALING_JSON} and {workdir / report.SCALING_PNG}", flush=True)
     writer.close()
     ckpts.close()
     return result

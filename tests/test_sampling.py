@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import huginn_tokenizer
 from rdlm import checkpoint_io, cli, generate as generate_cli, orbax_steps
 from rdlm.interop import huginn, safetensors_io
 from rdlm.model import RecurrentLM
@@ -102,23 +103,11 @@ def test_token_filters():
     assert set(np.asarray(draws).tolist()) == {0, 1, 2}
 
 
-def _tiny_hf_tokenizer(path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    specials = list(text.HUGINN_SPECIALS.values())
-    vocab = {f"w{i}": i for i in range(500)} | {s: 500 + i for i, s in enumerate(specials)} | {"[UNK]": 506}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(specials)
-    tok.decoder = decoders.WordPiece()
-    tok.save(str(path))
-
-
 def test_cli_generates_from_an_hf_directory(tiny, huginn_tiny_dir, tmp_path):
     config, params, exp = tiny
     hf = tmp_path / "hf"
     shutil.copytree(huginn_tiny_dir / "checkpoint", hf)
-    _tiny_hf_tokenizer(hf / "tokenizer.json")
+    huginn_tokenizer.write(hf / "tokenizer.json")
     codec = text.load_codec(hf)
     assert codec.stop_ids == (500, 501, 504) and codec.pad_id == 505 and codec.bos_id == 500
     chat = [500, 502, 506, 503, 7, 8, 504, 502, 506, 503]  # "user" and "Huginn" are unknown words here

@@ -112,7 +112,7 @@ def run_block(
                    past(cache.core_slot(0)))
     carry = jax.lax.while_loop(cond, body, carry)
     cache, logits = carry.cache, carry.logits
-    if exit is not None or num_steps < cache.depth:
+    if exit is not None or not isinstance(num_steps, int) or num_steps < cache.depth:  # a traced r may be < depth
         cache = cache.fill_skipped(carry.last_kv, carry.steps_B, positions_BS)
     if not head_in_loop:
         cache, logits = head(cache, carry.state_BSD, want_logits)
