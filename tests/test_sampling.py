@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdlm import checkpoint_io, generate as generate_cli
+from rdlm import checkpoint_io, cli, generate as generate_cli
 from rdlm.interop import huginn, safetensors_io
 from rdlm.model import RecurrentLM
-from rdlm.sampling import SamplerOptions, decode, generate, logits, text
+from rdlm.sampling import SamplerOptions, decode, generate, logits, precision, text
 
 NEW = 12
 
@@ -54,6 +54,50 @@ def test_second_call_does_not_recompile(tiny):
     other = greedy(config, params, exp["input_ids"][1:2, 3:11], 2, stop_tokens=[7, 9])
     assert (sampler.decode._cache_size(), decode.prefill._cache_size()) == before
     assert np.asarray(other.tokens).shape == (1, 8 + NEW)
+    greedy(config, params, exp["input_ids"][:1, :8], 8, exit_criterion="kl", exit_threshold=0.1, check_every=2)
+    kl = decode.cached_sampler(config, SamplerOptions.build(num_steps=8, init_scale=0.0, exit_criterion="kl").static())
+    assert kl.decode._cache_size() == 1
+    greedy(config, params, exp["input_ids"][1:2, 3:11], 8, exit_criterion="kl", exit_threshold=0.01, check_every=1,
+           min_steps=1)  # threshold, check_every and min_steps are knobs: the same program
+    assert kl.decode._cache_size() == 1
+
+
+def _program_size(config, params, prompt, options: SamplerOptions) -> int:
+    """Lines of the decode loop's StableHLO for these options (the program XLA compiles)."""
+    sampler = decode.Sampler(config, options)
+    knobs = options.knobs()
+    ids, lengths = np.asarray(prompt, np.int32)[None], np.asarray([len(prompt)], np.int32)
+    state = jax.eval_shape(lambda: sampler.prefill(params, knobs, ids, lengths, jax.random.key(0), max_new_tokens=4))
+    return len(sampler.decode.lower(params, knobs, state).as_text().splitlines())  # traced, not compiled
+
+
+@pytest.mark.parametrize("exit_criterion", [None, "kl", "latent-diff"])
+def test_the_compiled_program_does_not_grow_with_num_steps(tiny, exit_criterion):
+    """The iterations run in a while loop: the program for r = 32 is the one for r = 4, so compile time and
+    memory do not depend on r."""
+    config, params, exp = tiny
+    prompt = exp["input_ids"][0, :8]
+    sizes = {r: _program_size(config, params, prompt, SamplerOptions.build(num_steps=r, init_scale=0.0,
+                                                                         exit_criterion=exit_criterion))
+             for r in (4, 32)}
+    assert sizes[4] == sizes[32], sizes
+
+
+def test_bfloat16_inference_agrees_with_float32(tiny):
+    """Weights, activations and the cache in bf16: logits within 2.5% of the reference's float32 ones, the same
+    argmax at (nearly) every position, and greedy tokens equal to float32 greedy on the fixture's prompt."""
+    config, params, exp = tiny
+    bf_config, bf_params = precision.with_dtype(config, params, "bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(bf_params)} == {jnp.dtype(jnp.bfloat16)}
+    logits = RecurrentLM(bf_config).apply({"params": bf_params}, exp["input_ids"], num_steps=4, init_scale=0.0).logits
+    reference = exp["logits_zero_init_r4"]
+    error = np.abs(np.asarray(logits) - reference).max()
+    assert 1e-3 < error < 0.025 * np.abs(reference).max(), error  # bf16 for real, and close
+    assert np.mean(np.argmax(logits, axis=-1) == np.argmax(reference, axis=-1)) >= 0.9
+    out = greedy(bf_config, bf_params, exp["input_ids"][:1, :8], 8)
+    np.testing.assert_array_equal(out.tokens, exp["greedy_r8"])
+    with pytest.raises(ValueError, match="dtype='float16' is not one of float32, bfloat16"):
+        precision.with_dtype(config, params, "float16")
 
 
 @pytest.mark.parametrize(
@@ -151,15 +195,16 @@ def test_tokenizer_is_found_for_workdirs_and_step_dirs(tiny, tmp_path):
     assert loaded == config
 
 
-def test_cli_reports_bad_input_in_one_line(huginn_tiny_dir):
+def test_cli_reports_bad_input_in_one_line(huginn_tiny_dir, capsys):
     argv = ["rdlm.generate", f"--checkpoint={huginn_tiny_dir / 'checkpoint'}", "--prompt=x", "--exit=bogus:1"]
     generate_cli.FLAGS(argv)
     try:
         with pytest.raises(SystemExit) as exit_:
-            generate_cli.main(argv[:1])
+            cli.expected_failures(generate_cli.main)(argv[:1])  # what cli.run wraps main in
     finally:
         generate_cli.FLAGS.unparse_flags()
-    assert str(exit_.value.code) == (
-        "rdlm.generate: Unknown exit_criterion 'bogus'; choose one of ('kl', 'minp-kl', 'entropy-diff', "
-        "'latent-diff', 'cosine', 'argmax-stability') or None."
+    assert exit_.value.code == cli.USAGE_ERROR
+    assert capsys.readouterr().err == (
+        "error: Unknown exit_criterion 'bogus'; choose one of ('kl', 'minp-kl', 'entropy-diff', "
+        "'latent-diff', 'cosine', 'argmax-stability') or None.\n"
     )

@@ -101,28 +101,33 @@ class KVCache:
         C = self.slots
         j_C = jnp.arange(C)
         last_iter_C = j_C + C * ((self.depth - 1 - j_C) // C)
-        skipped_CB = last_iter_C[:, None] >= steps_B[None, :]
+        skipped_BC = last_iter_C[None, :] >= steps_B[:, None]
         new = []
-        for c, (index, u) in zip(self.core, _indexed_updates(last_kv, positions_BS, (slice(None),))):
-            region = c.at[index].get(mode="fill", fill_value=0)  # [C, *u.shape]
-            region = jnp.where(skipped_CB[:, None, :, None, None, None], u[None], region)
+        for c, (index, u) in zip(self.core, _window_updates(last_kv, positions_BS, (slice(None),))):
+            region = c.at[index].get(mode="fill", fill_value=0)  # [B, S, C, L, H, K]
+            region = jnp.where(skipped_BC[:, None, :, None, None, None], u[:, :, None], region)
             new.append(c.at[index].set(region, mode="drop"))
         return self.replace(core=tuple(new))
 
 
 def _write(cache: KV, kv: KV, positions_BS, lead: tuple = ()) -> KV:
     """Writes the layers' (k, v) [L, B, S, H, K] at each row's positions, below the `lead` indices (a core slot)."""
-    return tuple(c.at[index].set(u, mode="drop") for c, (index, u) in zip(cache, _indexed_updates(kv, positions_BS, lead)))
+    return tuple(c.at[index].set(u, mode="drop") for c, (index, u) in zip(cache, _window_updates(kv, positions_BS, lead)))
 
 
-def _indexed_updates(kv: KV, positions_BS, lead: tuple):
-    """For the layers' (k, v) [L, B, S, H, K]: each one's cache index (after the `lead` indices) and
-    its entries in the cache's order, keys [L, B, H, K, S] and values [L, B, H, S, K]."""
-    L, B, S, H, K = kv[0].shape
-    layer = jnp.arange(L)[:, None, None, None, None]
-    row = jnp.arange(B)[None, :, None, None, None]
-    head = jnp.arange(H)[None, None, :, None, None]
-    feature = jnp.arange(K)[None, None, None, :, None]
-    key_index = (*lead, layer, row, head, feature, positions_BS[None, :, None, None, :])
-    value_index = (*lead, layer[..., 0], row[..., 0], head[..., 0], positions_BS[None, :, None, :])
-    return (key_index, kv[0].transpose(0, 1, 3, 4, 2)), (value_index, kv[1].swapaxes(2, 3))
+def _window_updates(kv: KV, positions_BS, lead: tuple):
+    """For the layers' (k, v) [L, B, S, H, K]: each one's cache index (after the `lead` indices) and its
+    entries [B, S, L, H, K].
+
+    The index picks (row, position) pairs and keeps every layer, head and feature, so XLA writes one
+    [L, H, K] window per pair (an index per element would make the scatter compute one per element).
+    Array indices on non-adjacent axes put their [B, S] first, before the sliced axes (and before the
+    slots, when `lead` slices them).
+    """
+    B = kv[0].shape[1]
+    row_BS = jnp.broadcast_to(jnp.arange(B)[:, None], positions_BS.shape)
+    every = slice(None)
+    key_index = (*lead, every, row_BS, every, every, positions_BS)  # keys [.., L, B, H, K, T]
+    value_index = (*lead, every, row_BS, every, positions_BS, every)  # values [.., L, B, H, T, K]
+    u_BSLHK = tuple(x.transpose(1, 2, 0, 3, 4) for x in kv)
+    return (key_index, u_BSLHK[0]), (value_index, u_BSLHK[1])
