@@ -4,8 +4,6 @@ One compiled KL-exit sampler per shape serves most tests: threshold 0 never exit
 """
 
 import functools
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +11,9 @@ import numpy as np
 import pytest
 
 from test_sampling_reference import ReferenceDecoder
-from rdlm import checkpoint_io
 from rdlm.interop import huginn, safetensors_io
 from rdlm.model import RecurrentLM
-from rdlm.sampling import KVCache, SamplerOptions, decode, exits, generate, text
+from rdlm.sampling import KVCache, SamplerOptions, decode, exits, generate
 from rdlm.sampling.block import run_block
 
 NEW, R = 12, 8
@@ -225,30 +222,3 @@ def test_criteria_values():
     assert exits.parse_exit("argmax-stability") == exits.ExitCriterion("argmax-stability", 5)
     with pytest.raises(ValueError, match="threshold 'x' is not a number"):
         exits.parse_exit("kl:x")
-
-
-@pytest.mark.slow
-def test_kl_exit_saves_compute_on_a_trained_model(tmp_path):
-    """The tiny main-job recipe, trained briefly: KL exit uses fewer steps than r and keeps greedy's tokens."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from configs import tiny
-    from rdlm.train import train_and_evaluate
-
-    config = tiny.get_config()
-    config.train.num_steps = 250
-    config.eval.final_num_steps = ()
-    config.data.cache_dir = str(tmp_path / "cache")
-    config.mesh.shape = (1, 1, 1)
-    train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
-    model_config, params = checkpoint_io.load_params(tmp_path / "run")
-    codec = text.load_codec(tmp_path / "run")
-    prompts = [codec.prompt_ids(p) for p in ("def main(argv):\n    ", "import os\nimport sys\n\n", "for i in range(")]
-    r = 16
-    fixed = generate(model_config, params, prompts, max_new_tokens=32, num_steps=r, init_scale=0.0)
-    out = generate(model_config, params, prompts, max_new_tokens=32, num_steps=r, init_scale=0.0, exit_criterion="kl",
-                   exit_threshold=5e-4)
-    steps = np.asarray(out.steps_per_token)
-    mean = steps[steps > 0].mean()
-    agreement = (np.asarray(out.new_tokens()) == np.asarray(fixed.new_tokens())).mean()
-    print(f"kl 5e-4 at r={r}: mean steps per token {mean:.2f}, token agreement with fixed r {agreement:.3f}")
-    assert mean < 0.75 * r and agreement >= 0.8

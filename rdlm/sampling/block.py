@@ -77,15 +77,15 @@ def run_block(
         return None if fresh else kv
 
     def head(cache, state_BSD, with_logits: bool):
-        logits, _, kv = apply(state_BSD, positions_BS, segment_BS, past(cache.coda), mask,
+        logits, _, kv = apply(state_BSD, positions_BS, segment_BS, past(cache.coda_kv), mask,
                               return_logits=with_logits, method=RecurrentLM.decode)
         return cache.write_coda(kv, positions_BS), logits
 
-    embedded, kv = apply(tokens_BS, positions_BS, segment_BS, past(cache.prelude), mask, method=RecurrentLM.embed)
+    embedded, kv = apply(tokens_BS, positions_BS, segment_BS, past(cache.prelude_kv), mask, method=RecurrentLM.embed)
     cache = cache.write_prelude(kv, positions_BS)
     state = init_BSD.astype(cfg.compute_dtype)
     head_in_loop = exit is not None and exit.uses_logits
-    coda_past = past(cache.coda)  # the loop writes no coda entries: the final head does
+    coda_past = past(cache.coda_kv)  # the loop writes no coda entries: the final head does
 
     def head_logits(state_BSD):
         logits, _, kv = apply(state_BSD, positions_BS, segment_BS, coda_past, mask, method=RecurrentLM.decode)

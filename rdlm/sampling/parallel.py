@@ -11,7 +11,7 @@ iterations on all of them at once (against the committed prefix's cache), decode
   predictions become tokens and leave the wavefront, and every committed cache entry was computed
   from the committed tokens;
 - feeds every other position its predecessor's new prediction and starts one new position at the
-  end while the wavefront has room (headway 1).
+  end while the wavefront has room (`headway` of them, the reference default 1).
 Batch-1 decoding reads every weight once per pass whatever the wavefront's width, so a pass costs
 little more than one sequential iteration block, and a token costs about one pass instead of
 `num_steps` iterations.
@@ -48,10 +48,14 @@ class ParallelSettings:
 
     inner_steps: int = 4  # core iterations per forward pass (the reference's inner_recurrence)
     freeze_threshold: float = 0.03  # latent change over a pass below which a position freezes
-    window: int | None = None  # in-flight positions (the reference's max_wavefront); None: num_steps/inner + 1
+    # In-flight positions (the reference's max_wavefront, 128). A position commits about one pass after the one
+    # before it, so a wider wavefront only adds work per pass (on 2 CPU cores; docs/performance.md); None:
+    # num_steps / inner_steps + 1, room for positions that need every iteration.
+    window: int | None = 3
     commit: str = "leading"  # COMMIT_RULES
     ema_embeds: float = 0.0  # weight of the previous pass's prelude output (the reference: 0.1)
     state_noise: float = 0.0  # initial-state mixing before a pass, / (1 + iterations) (the reference: 0.5)
+    headway: int = 1  # new positions started per pass while there is room (each fed the newest prediction)
 
     def check(self, num_steps: int) -> None:
         s = self
@@ -61,6 +65,8 @@ class ParallelSettings:
             raise ValueError(f"freeze_threshold={s.freeze_threshold!r} must be a non-negative float.")
         if s.window is not None and (isinstance(s.window, bool) or not isinstance(s.window, int) or s.window < 1):
             raise ValueError(f"window={s.window!r} must be an int >= 1 (or None).")
+        if isinstance(s.headway, bool) or not isinstance(s.headway, int) or s.headway < 1:
+            raise ValueError(f"headway={s.headway!r} must be an int >= 1.")
         if s.commit not in COMMIT_RULES:
             raise ValueError(f"commit={s.commit!r} is not one of {COMMIT_RULES}.")
         for name in ("ema_embeds", "state_noise"):
@@ -167,7 +173,7 @@ class ParallelSampler:
         valid_BW = (w_W[None] < wave.width_B[:, None]) & live_B[:, None]
         segment_BW = valid_BW.astype(jnp.int32)
         mask = cache.past_mask(st.lengths_B, positions_BW, cfg.attention_window)
-        embedded, kv = apply(wave.tokens_BW, positions_BW, segment_BW, cache.prelude, mask, method=RecurrentLM.embed)
+        embedded, kv = apply(wave.tokens_BW, positions_BW, segment_BW, cache.prelude_kv, mask, method=RecurrentLM.embed)
         cache = cache.write_prelude(kv, positions_BW)
         if s.ema_embeds:  # a position started this pass has no previous embedding to mix with
             old = (wave.iters_BW > 0)[..., None]
@@ -192,7 +198,7 @@ class ParallelSampler:
 
         cache, new_BWD = jax.lax.fori_loop(0, s.inner_steps, inner, (cache, state_BWD))
         iters_BW = wave.iters_BW + s.inner_steps * running_BW.astype(jnp.int32)
-        logits_BWV, _, kv = apply(new_BWD, positions_BW, segment_BW, cache.coda, mask, method=RecurrentLM.decode)
+        logits_BWV, _, kv = apply(new_BWD, positions_BW, segment_BW, cache.coda_kv, mask, method=RecurrentLM.decode)
         cache = cache.write_coda(kv, positions_BW)
         guess_BW = logits_lib.choose(k_tok, logits_BWV, opts.temperature, opts.top_k, opts.top_p, opts.min_p)
 
@@ -227,7 +233,7 @@ class ParallelSampler:
             fresh_BWD = jnp.broadcast_to(last_BD, state_BWD.shape)
         else:
             fresh_BWD = self._fresh_states(k_init, B)
-        starting_BW = (w_W[None] == width_B[:, None]) & live_B[:, None]
+        starting_BW = (w_W[None] >= width_B[:, None]) & (w_W[None] < width_B[:, None] + s.headway) & live_B[:, None]
         return _Wave(
             base=st,
             tokens_BW=jnp.where(starting_BW, next_token_B[:, None], tokens_BW),
@@ -235,7 +241,7 @@ class ParallelSampler:
             state_BWD=jnp.where(starting_BW[..., None], fresh_BWD, state_BWD).astype(wave.state_BWD.dtype),
             iters_BW=jnp.where(starting_BW, 0, iters_BW),
             frozen_BW=frozen_BW & ~starting_BW,
-            width_B=width_B + jnp.any(starting_BW, axis=1).astype(jnp.int32),
+            width_B=width_B + jnp.sum(starting_BW, axis=1, dtype=jnp.int32),
             passes=wave.passes + 1,
         )
 
@@ -280,7 +286,8 @@ def generate_parallel(
     """Diffusion-forcing sampling: a new position starts at every pass while earlier ones keep iterating.
 
     `settings` (or its fields as keywords: inner_steps, freeze_threshold, window, commit, ema_embeds,
-    state_noise) shape the wavefront; see ParallelSettings. steps_per_token reports each token's iterations.
+    state_noise, headway) shape the wavefront; see ParallelSettings. steps_per_token reports the iterations
+    each token's position ran, including those before its input token changed (so it may exceed num_steps).
     """
     if settings is None:
         settings = ParallelSettings(**setting_fields)
