@@ -61,7 +61,7 @@ def test_adaptive_exit_saves_iterations_and_keeps_the_tokens(trained, criterion,
 
 def test_parallel_sampler_agrees_with_sequential_greedy(trained):
     _, config, params, prompts, fixed = trained
-    for settings in (ParallelSettings(), ParallelSettings(window=4, headway=2, ema_embeds=0.1, state_noise=0.5)):
+    for settings in (ParallelSettings(), ParallelSettings(ema_embeds=0.1, state_noise=0.5)):
         out = generate_parallel(config, params, prompts, max_new_tokens=NEW, num_steps=R, init_scale=0.0,
                                 settings=settings)
         steps = np.asarray(out.steps_per_token)
