@@ -31,7 +31,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import flags
 from ml_collections import config_flags

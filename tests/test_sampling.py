@@ -11,7 +11,7 @@ import pytest
 from rdlm import checkpoint_io, cli, generate as generate_cli
 from rdlm.interop import huginn, safetensors_io
 from rdlm.model import RecurrentLM
-from rdlm.sampling import SamplerOptions, decode, generate, logits, precision, text
+from rdlm.sampling import KVCache, SamplerOptions, decode, generate, logits, precision, text
 
 NEW = 12
 
@@ -84,20 +84,34 @@ def test_the_compiled_program_does_not_grow_with_num_steps(tiny, exit_criterion)
 
 
 def test_bfloat16_inference_agrees_with_float32(tiny):
-    """Weights, activations and the cache in bf16: logits within 2.5% of the reference's float32 ones, the same
-    argmax at (nearly) every position, and greedy tokens equal to float32 greedy on the fixture's prompt."""
+    """Weights and activations in bf16: logits within 2.5% of the reference's float32 ones and the same argmax at
+    (nearly) every position; the bf16 cache (stored as uint16 bits) reads back what was written."""
     config, params, exp = tiny
     bf_config, bf_params = precision.with_dtype(config, params, "bfloat16")
     assert {x.dtype for x in jax.tree.leaves(bf_params)} == {jnp.dtype(jnp.bfloat16)}
-    logits = RecurrentLM(bf_config).apply({"params": bf_params}, exp["input_ids"], num_steps=4, init_scale=0.0).logits
+    forward = jax.jit(lambda p, x: RecurrentLM(bf_config).apply({"params": p}, x, num_steps=4, init_scale=0.0).logits)
+    logits = forward(bf_params, exp["input_ids"])
     reference = exp["logits_zero_init_r4"]
     error = np.abs(np.asarray(logits) - reference).max()
     assert 1e-3 < error < 0.025 * np.abs(reference).max(), error  # bf16 for real, and close
     assert np.mean(np.argmax(logits, axis=-1) == np.argmax(reference, axis=-1)) >= 0.9
-    out = greedy(bf_config, bf_params, exp["input_ids"][:1, :8], 8)
-    np.testing.assert_array_equal(out.tokens, exp["greedy_r8"])
+    cache = KVCache.create(bf_config, 2, 8, 3)
+    L, H, K = config.n_layers_in_recurrent_block, config.n_heads, config.head_dim
+    kv = tuple(jnp.asarray(np.random.default_rng(i).normal(size=(L, 2, 1, H, K)), jnp.bfloat16) for i in (0, 1))
+    cache = cache.write_core(1, kv, jnp.asarray([[2], [5]]))
+    keys, values = cache.core_slot(1)
+    assert keys[0].dtype == jnp.bfloat16 and cache.core[0].dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(keys[0][0, :, :, 2], np.float32), np.asarray(kv[0][0, 0, 0], np.float32))
+    np.testing.assert_array_equal(np.asarray(values[0][1, :, 5], np.float32), np.asarray(kv[1][0, 1, 0], np.float32))
     with pytest.raises(ValueError, match="dtype='float16' is not one of float32, bfloat16"):
         precision.with_dtype(config, params, "float16")
+
+
+@pytest.mark.slow
+def test_bfloat16_greedy_equals_float32_greedy_on_the_fixture(tiny):
+    config, params, exp = tiny
+    out = greedy(*precision.with_dtype(config, params, "bfloat16"), exp["input_ids"][:1, :8], 8)
+    np.testing.assert_array_equal(out.tokens, exp["greedy_r8"])
 
 
 @pytest.mark.parametrize(

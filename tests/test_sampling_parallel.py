@@ -52,23 +52,20 @@ def test_parallel_with_a_window_of_one_is_sequential_decoding(tiny, reference):
     assert int(out.passes) == NEW
 
 
-@pytest.mark.parametrize("fields", [dict(inner_steps=2), dict(inner_steps=2, window=None, commit="last", headway=2,
-                                                              ema_embeds=0.1, state_noise=0.5)])
-def test_parallel_sampler_runs_every_option_within_its_bounds(tiny, reference, fields):
+def test_parallel_sampler_runs_every_option_within_its_bounds(tiny):
     """On this random model the latent hardly converges, so agreement is asserted on a trained one
     (test_sampling_trained.py); here: valid tokens, iterations within [inner_steps, R], fewer passes than
-    sequential decoding would need, and the first token (which depends on nothing in flight) exact."""
+    sequential decoding would need."""
     config, params, exp, prompts = tiny
+    fields = dict(inner_steps=2, window=None, commit="last", headway=2, ema_embeds=0.1, state_noise=0.5)
     out = generate_parallel(config, params, prompts, max_new_tokens=NEW, num_steps=R, init_scale=0.0, **fields)
     tokens, steps = np.asarray(out.tokens), np.asarray(out.steps_per_token)
     for b, prompt in enumerate(prompts):
         n = len(prompt)
         new = tokens[b, n : n + NEW]
         assert new.shape == (NEW,) and ((0 <= new) & (new < config.vocab_size)).all()
-        if steps[b, 0] == R and not fields.get("state_noise"):  # position 0 at full depth: one-slot sequential
-            assert new[0] == reference.generate(prompt, 1, R, share=1)[0][n]
     # A position whose input token changed keeps iterating past num_steps until it is fed its final token.
-    assert ((2 <= steps) & (steps <= (R if fields.get("headway", 1) == 1 else 2 * R))).all()
+    assert ((2 <= steps) & (steps <= 2 * R)).all()
     assert NEW <= int(out.passes) < NEW * R // 2  # fewer passes than sequential iterations / inner_steps
 
 
