@@ -12,9 +12,11 @@ after each of `bench.gen_prompts` prompts of `bench.prompt_len` tokens, `batch` 
 `agreement` is the fraction of generated tokens equal, position by position, to those of the
 baseline: sequential fixed-depth float32 greedy decoding at batch 1 and the same num_steps, on the
 same prompts. `diverged_prompts` counts the rows with any difference: after one different token a
-row's continuation is another text, so agreement falls in steps of up to 1/prompts. --compare times baseline and variant alternately in this process (`bench.gen_repeats`
-rounds, the order swapped every round) and reports the median of the per-round speed-ups, which is
-what a machine shared with other jobs allows; without it only the variant is timed.
+row's continuation is another text, so agreement falls in steps of up to 1/prompts.
+
+--compare times baseline and variant alternately in this process (`bench.gen_repeats` rounds, the
+order swapped every round) and reports the median of the per-round speed-ups, which is what a
+machine shared with other jobs allows; without it only the variant is timed.
 """
 
 import dataclasses
