@@ -297,6 +297,35 @@ def glob(pattern: str) -> list[str]:
     return sorted(f for f in files if not _hidden(f[len(anchor):].lstrip("/"), rest))
 
 
+def list_files(p) -> dict[str, int]:
+    """Every file under directory `p` (recursively, hidden ones too), as {path relative to `p`: size in bytes}."""
+    root = path(p)
+    if not is_remote(root):
+        found = {}
+        for folder, _, names in os.walk(os.fspath(root)):
+            for name in names:
+                full = os.path.join(folder, name)
+                found[os.path.relpath(full, os.fspath(root))] = os.path.getsize(full)
+        return found
+    url = os.fspath(root).rstrip("/")
+    with explained(url):
+        listing = _filesystem(url).find(url, detail=True)
+    prefix = url.split("://", 1)[1] + "/"
+    return {name[len(prefix):]: int(info["size"]) for name, info in listing.items()
+            if info.get("type") == "file" and name.startswith(prefix)}
+
+
+def rename(src, dst) -> None:
+    """Moves a file or a directory (on gs://: a copy, then a delete, so not atomic there)."""
+    source, target = path(src), path(dst)
+    if not is_remote(source):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        return
+    with explained(source):
+        _filesystem(os.fspath(source)).mv(os.fspath(source), os.fspath(target), recursive=True)
+
+
 def missing_reason(p) -> str:
     """' (the bucket ... does not exist)' when that is why remote `p` is missing, else ''."""
     if is_remote(p) and _bucket_missing(os.fspath(p)):
