@@ -55,8 +55,10 @@ def _config_file_problem(argv) -> str | None:
     if not given:
         return None
     file, _, arg = given.partition(":")
-    if not os.path.isfile(file):
-        what = "is a directory" if os.path.isdir(file) else "does not exist"
+    from rdlm import storage  # here: the entry points import cli before anything heavy
+
+    if not storage.is_file(file):
+        what = "is a directory" if storage.exists(file) else "does not exist"
         return f"--config={given}: the config file {file} {what}; pass a config file such as configs/tiny.py."
     try:
         _load_config(file, arg)
@@ -71,7 +73,9 @@ def _line_in(file: str, error: BaseException) -> str:
     """' (FILE, line N)' for the deepest frame of `error` in `file`, or ''."""
     if isinstance(error, SyntaxError) and error.lineno:
         return f" ({file}, line {error.lineno})"
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(file)]
+    from rdlm import storage
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if storage.path(f.filename) == storage.path(file)]
     return f" ({file}, line {frames[-1].lineno})" if frames else ""
 
 

@@ -301,18 +301,21 @@ def list_files(p) -> dict[str, int]:
     """Every file under directory `p` (recursively, hidden ones too), as {path relative to `p`: size in bytes}."""
     root = path(p)
     if not is_remote(root):
-        found = {}
-        for folder, _, names in os.walk(os.fspath(root)):
-            for name in names:
-                full = os.path.join(folder, name)
-                found[os.path.relpath(full, os.fspath(root))] = os.path.getsize(full)
-        return found
+        return {f.relative_to(root).as_posix(): f.stat().st_size for f in root.rglob("*") if f.is_file()}
     url = os.fspath(root).rstrip("/")
     with explained(url):
         listing = _filesystem(url).find(url, detail=True)
     prefix = url.split("://", 1)[1] + "/"
     return {name[len(prefix):]: int(info["size"]) for name, info in listing.items()
             if info.get("type") == "file" and name.startswith(prefix)}
+
+
+def free_bytes(p) -> int | None:
+    """Bytes free for this process on the filesystem of local directory `p`; None for a remote `p` (no limit)."""
+    if is_remote(p):
+        return None
+    stats = os.statvfs(os.fspath(path(p)))
+    return stats.f_bavail * stats.f_frsize
 
 
 def rename(src, dst) -> None:

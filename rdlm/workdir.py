@@ -11,7 +11,6 @@ the checkpoint being written, never one already complete (rdlm.checkpoint).
 import errno
 import math
 import os
-import shutil
 import uuid
 
 import jax
@@ -48,10 +47,9 @@ def _gib(n: float) -> str:
 def check_free_space(workdir, checkpoint_bytes: int, keep: int) -> None:
     """Raises OSError(ENOSPC) unless the workdir's filesystem has room for one more checkpoint; warns below
     `keep` + 1 (the rotation holds `keep` verified steps while the next one is written)."""
-    local = storage.local_path(workdir)
-    if local is None or jax.process_index() != 0:
+    free = storage.free_bytes(workdir)
+    if free is None or jax.process_index() != 0:
         return
-    free = shutil.disk_usage(local).free
     if free < checkpoint_bytes:
         raise OSError(
             errno.ENOSPC,

@@ -36,3 +36,12 @@ def gcs_server(tmp_path_factory):
 def gcs_bucket(gcs_server):
     """A fresh, empty bucket on the emulator, as a gs:// URL."""
     return gcs_server.create_bucket()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The table of faults tried and survived (README "Faults and bad input"), when fault tests ran."""
+    import fault_report
+
+    if fault_report.ROWS:
+        terminalreporter.write_sep("=", "faults tried and survived")
+        terminalreporter.write_line(fault_report.table())
