@@ -301,7 +301,14 @@ def list_files(p) -> dict[str, int]:
     """Every file under directory `p` (recursively, hidden ones too), as {path relative to `p`: size in bytes}."""
     root = path(p)
     if not is_remote(root):
-        return {f.relative_to(root).as_posix(): f.stat().st_size for f in root.rglob("*") if f.is_file()}
+        found, folders = {}, [root]
+        while folders:
+            for entry in folders.pop().iterdir():
+                if entry.is_dir():
+                    folders.append(entry)
+                else:
+                    found[entry.relative_to(root).as_posix()] = entry.stat().length
+        return found
     url = os.fspath(root).rstrip("/")
     with explained(url):
         listing = _filesystem(url).find(url, detail=True)
