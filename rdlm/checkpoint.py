@@ -255,7 +255,7 @@ class Checkpoints:
         if not _primary():
             return 0
         try:
-            self._last_problem = checkpoint_manifest.problem(self.step_dir(step), ITEMS)
+            self._last_problem = checkpoint_manifest.problem(self.step_dir(step))
         except OSError as e:
             self._last_problem = f"its files cannot be listed ({e})"
         return int(self._last_problem is not None)

@@ -94,15 +94,19 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["truncated", "deleted", "garbled"])
 def test_every_file_of_the_newest_checkpoint_is_checked(tmp_path, mode, caplog):
-    """Each file of a step in turn, in a fresh copy of the same two steps."""
+    """Each file of a step in turn (by its place in the sorted listing: data files are named by content hashes),
+    in a fresh save of the same two steps."""
+
+    def files(workdir):
+        listed = storage.list_files(storage.path(workdir) / "checkpoints" / "6")
+        return sorted(n for n in listed if n != checkpoint_manifest.MANIFEST_FILE)
+
     _save(tmp_path / "template")
-    names = sorted(n for n in storage.list_files(tmp_path / "template" / "checkpoints" / "6")
-                   if n != checkpoint_manifest.MANIFEST_FILE)
-    for i, name in enumerate(names):
+    for i in range(len(files(tmp_path / "template"))):
         workdir = tmp_path / f"copy{i}"
         _save(workdir)
         caplog.clear()
-        _fall_back(workdir, name, mode, caplog)
+        _fall_back(workdir, files(workdir)[i], mode, caplog)
 
 
 def test_the_rotation_keeps_the_last_verified_step_until_a_newer_one_is_verified(tmp_path):

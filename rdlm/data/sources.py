@@ -10,8 +10,9 @@ the file, the record and the id: parquet statistics are checked when the source 
 when it is read.
 
 Bad input is named with its file (and record): a shard that cannot be opened, an empty shard, a record
-or row group that cannot be read (ArrayRecord's chunk hashes, parquet's decoders find the damage) and an
-id outside the vocabulary. With `on_bad_record='skip'` a bad record is returned as a `BadRecord` (the
+or row group that cannot be read (ArrayRecord's chunk hashes find any damage; parquet pages are checked
+against their CRCs when the writer stored them, e.g. pyarrow's `write_page_checksum=True`, and otherwise
+only damage that breaks decoding is found) and an id outside the vocabulary. With `on_bad_record='skip'` a bad record is returned as a `BadRecord` (the
 pipeline leaves it out and counts it) and an empty shard is passed over; a shard that cannot be opened
 at all is always an error, since what it held is unknown.
 """
@@ -333,7 +334,7 @@ class ParquetSource:
             return files[file_index]
         path = self._paths[file_index]
         source = storage.local_path(path) or storage.open(path, "rb", random_access=True)
-        files[file_index] = pq.ParquetFile(source)
+        files[file_index] = pq.ParquetFile(source, page_checksum_verification=True)
         if len(files) > self._OPEN_FILES_PER_THREAD:
             files.popitem(last=False)
         return files[file_index]
