@@ -98,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 500  # Validation loss during training; 0 turns it off.
     c.eval.num_steps = (1, 4, 8, 16, 32, 64)  # Test-time r for validation loss during training.
+    # Tasks scored at every eval.num_steps each eval.every_steps (shipped names, .json specs or .jsonl
+    # files, comma-separated, as `rdlm.evaluate --tasks`); their scores go to TensorBoard. '' = none.
+    c.eval.tasks = ""
     c.eval.final_num_steps = (1, 2, 4, 8, 16, 32, 64)  # r of the final recurrence-scaling table.
     c.eval.batch_size = 32  # Global sequences per validation batch.
     c.eval.reasoning = True  # Final table: held-out reasoning accuracy per r (built-in data only).

@@ -33,13 +33,14 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from rdlm import checkpoint, checkpoint_io, evaluate, fault_hooks, metrics, numerics, perf, preemption, sharding
+from rdlm import checkpoint, checkpoint_io, fault_hooks, metrics, numerics, perf, preemption, sharding
 from rdlm import state as state_lib
 from rdlm import steps, storage, train_log
 from rdlm import workdir as workdir_lib
 from rdlm import program as program_lib
 from rdlm.data import pipeline
 from rdlm.data import tokenizer as tokenizer_lib
+from rdlm.eval import heldout, report, training_hook
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
@@ -129,15 +130,15 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
 
     accum, batch_sharding, train_step = micro.grad_accum_steps, program.batch_sharding, program.train_step
     eval_step = jax.jit(steps.make_eval_step(model, config.eval.init_scale), out_shardings=sharding.replicated(mesh))
-    eval_batches = None
+    eval_batches, task_hook = None, None
 
     primary = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir, is_primary=primary, resume_step=first_step if first_step else None)
     peak = config.log.peak_tflops or perf.measure_peak_tflops()
     tokens_per_step = config.train.batch_size * seq_len
     progress = metrics.ProgressBar(config.train.num_steps, tokens_per_step=tokens_per_step) if primary else None
-    report = train_log.StepReporter(config, model_config, writer, workdir, progress=progress, peak_tflops=peak,
-                                    process_index=jax.process_index())
+    reporter = train_log.StepReporter(config, model_config, writer, workdir, progress=progress, peak_tflops=peak,
+                                     process_index=jax.process_index())
     budget_s = config.train.time_budget_minutes * 60
     logging.info(
         "Training %s from step %d to %d on mesh %s.", model_config, first_step, config.train.num_steps, dict(mesh.shape)
@@ -147,7 +148,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
 
     def save(step_state):
         # A checkpoint covers its steps' metrics: a run resumed from it never logs them again.
-        report.finish()
+        reporter.finish()
         writer.flush()
         ckpts.save(step_state, data_iter.get_state(), _json_safe(config_json), model_config, corpus)
 
@@ -165,15 +166,18 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         batch = _global(fault_hooks.poison_batch(step + 1, batch), batch_sharding, config.train.batch_size, accum)
         state, step_metrics = train_step(state, batch)
         step += 1
-        report.add(step, step_metrics, data_state, bad_records)  # reports the step before: it is done by now
+        reporter.add(step, step_metrics, data_state, bad_records)  # reports the step before: it is done by now
         if config.eval.every_steps and step % config.eval.every_steps == 0:
-            eval_batches = eval_batches or evaluate.eval_batches(config, mesh, rules)
+            eval_batches = eval_batches or heldout.eval_batches(config, mesh, rules)
             writer.write(
                 step,
-                evaluate.validation_loss(
+                heldout.validation_loss(
                     eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed
                 ),
             )
+            if config.eval.tasks:  # shipped or JSONL tasks into metrics.jsonl and TensorBoard
+                task_hook = task_hook or training_hook.TaskHook(config, model_config, mesh, rules)
+                writer.write(step, task_hook(state.params))
         out_of_time = budget_s and time.perf_counter() - started > budget_s
         if step % config.checkpoint.every_steps == 0 or out_of_time:
             save(state)
@@ -184,7 +188,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         if out_of_time:
             logging.warning("train.time_budget_minutes=%s reached at step %d.", config.train.time_budget_minutes, step)
             break
-    report.finish()
+    reporter.finish()
     if progress:
         progress.close()
     save(state)
@@ -192,12 +196,12 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
 
     result = {}
     if config.eval.final_num_steps:
-        eval_batches = eval_batches or evaluate.eval_batches(config, mesh, rules)
-        result = evaluate.recurrence_scaling(config, model, state.params, mesh, rules, eval_batches, eval_step)
-        evaluate.write_results(workdir, result)
+        eval_batches = eval_batches or heldout.eval_batches(config, mesh, rules)
+        result = heldout.recurrence_scaling(config, model, state.params, mesh, rules, eval_batches, eval_step)
+        report.write_results(workdir, result)
         if primary:
-            print(evaluate.format_table(result), flush=True)
-            print(f"Wrote {workdir / evaluate.SCALING_JSON} and {workdir / evaluate.SCALING_PNG}", flush=True)
+            print(report.format_table(result), flush=True)
+            print(f"Wrote {workdir / report.SCALING_JSON} and {workdir / report.SCALING_PNG}", flush=True)
     writer.close()
     ckpts.close()
     return result

@@ -45,3 +45,38 @@ def pytest_terminal_summary(terminalreporter):
     if fault_report.ROWS:
         terminalreporter.write_sep("=", "faults tried and survived")
         terminalreporter.write_line(fault_report.table())
+
+
+def write_small_tasks(directory) -> dict[str, pathlib.Path]:
+    """8-document copies of the shipped parity tasks as task specs; the generation one with a few-shot exemplar."""
+    import json
+
+    from rdlm.eval import tasks
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    specs = {}
+    for name, extra in (("parity-choice", {}), ("parity-answer", {"fewshot": [{"question": "0110=", "answer": "0"}],
+                                                                   "target_delimiter": "", "fewshot_delimiter": "\n"})):
+        shipped = json.loads(tasks.shipped_path(name).read_text())
+        lines = (tasks.shipped_path(name).parent / shipped["data"]).read_text().splitlines()[:8]
+        small = f"small-{name}"
+        (directory / f"{small}.jsonl").write_text("\n".join(lines) + "\n")
+        spec = {**shipped, **extra, "name": small, "data": f"{small}.jsonl"}
+        (directory / f"{small}.json").write_text(json.dumps(spec))
+        specs[name] = directory / f"{small}.json"
+    return specs
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory):
+    """A tiny run trained for 6 steps that also scores a small task every 3 steps: (workdir, result, task specs)."""
+    import train_config
+    from rdlm.train import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("eval_run")
+    specs = write_small_tasks(root / "tasks")
+    config = train_config.small_config(root / "cache", **{
+        "eval.every_steps": 3, "eval.tasks": str(specs["parity-choice"]), "eval.final_num_steps": (1, 4)})
+    result = train_and_evaluate(config, str(root / "run"))
+    return root / "run", result, specs

@@ -280,6 +280,20 @@ def _task_documents(tok, spec: BuiltinSpec, samples: dict, heldout: dict, budget
     return docs
 
 
+def _eval_documents(spec: BuiltinSpec, tok: tokenizer_lib.Tokenizer, code_eval: list[str]) -> list:
+    """The validation documents: held-out code files, then the held-out problems of every task."""
+    docs = [np.asarray(ids, np.int32) for ids in tok.encode_batch(code_eval)]
+    if _task_names(spec):
+        docs += encode_problems(tok, [p for ps in _heldout(spec).values() for p in ps], spec.mask_prompt)
+    return docs
+
+
+def eval_documents(data_config, tok: tokenizer_lib.Tokenizer) -> list:
+    """The validation documents encoded with `tok` (a run's saved tokenizer), building no tokenizer."""
+    spec = BuiltinSpec.from_config(config_lib.data_section(data_config))
+    return _eval_documents(spec, tok, code_texts(spec)[1])
+
+
 @functools.lru_cache(maxsize=2)
 def build(spec: BuiltinSpec, cache_dir: str) -> BuiltinCorpus:
     """Builds the corpus (deterministic for a spec; cached per process)."""
@@ -288,13 +302,11 @@ def build(spec: BuiltinSpec, cache_dir: str) -> BuiltinCorpus:
     tok = _tokenizer(spec, code_train, samples, cache_dir)
 
     code = [np.asarray(ids, np.int32) for ids in tok.encode_batch(code_train)]
-    eval_docs = [np.asarray(ids, np.int32) for ids in tok.encode_batch(code_eval)]
+    eval_docs = _eval_documents(spec, tok, code_eval)
     code_tokens = sum(len(d) + 2 for d in code)
     tasks = []
     if samples:
         heldout = _heldout(spec)
-        eval_docs += encode_problems(tok, [p for ps in heldout.values() for p in ps],
-                                     spec.mask_prompt)
         budget = code_tokens * spec.task_fraction / (1 - spec.task_fraction) / len(samples)
         tasks = _task_documents(tok, spec, samples, heldout, budget)
     task_tokens = sum(len(d["ids"]) + 2 for d in tasks)

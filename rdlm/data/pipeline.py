@@ -68,10 +68,11 @@ def corpus_vocab_size(config) -> int | None:
     return tok.vocab_size if tok is not None else _metadata(cfg).get("vocab_size")
 
 
-def special_ids(config) -> SpecialIds:
-    """Resolves BOS/EOS/pad: the data.*_id field if set, else the tokenizer, else metadata.json."""
+def special_ids(config, tokenizer: tokenizer_lib.Tokenizer | None = None) -> SpecialIds:
+    """Resolves BOS/EOS/pad: the data.*_id field if set, else the tokenizer (`tokenizer`, default the
+    corpus's), else metadata.json."""
     cfg = config_lib.data_section(config)
-    tok, meta = load_tokenizer(cfg), _metadata(cfg)
+    tok, meta = load_tokenizer(cfg) if tokenizer is None else tokenizer, _metadata(cfg)
 
     def pick(name: str) -> int | None:
         value = cfg[f"{name}_id"]
@@ -149,11 +150,11 @@ def documents(config, split: str) -> grain.MapDataset:
 
 
 def _pack_and_batch(ds: grain.MapDataset, cfg, batch_size: int, *, drop_remainder: bool,
-                    read_threads: int) -> grain.IterDataset:
+                    read_threads: int, tokenizer=None) -> grain.IterDataset:
     """Streams documents through the packer and stacks rows into batches."""
     if batch_size < 1:
         raise ValueError(f"The per-process batch size must be at least 1, got {batch_size}.")
-    ids = special_ids(cfg)
+    ids = special_ids(cfg, tokenizer)
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads)
     rows = packing.PackIterDataset(
         SkipBadRecords(ds.to_iter_dataset(options)),
@@ -293,17 +294,23 @@ def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
 
 
 def make_eval_batches(config, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                      num_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+                      num_batches: int | None = None, tokenizer=None) -> list[dict[str, np.ndarray]]:
     """Returns the fixed validation batches of this process, the same on every call.
 
     Every process gets exactly `num_batches` (default `data.eval_batches`) full batches, padded with
     zero-weight rows where its share of the held-out documents runs out, so hosts stay in step.
+    With `tokenizer` (a run's saved one) built-in documents are encoded with it and no tokenizer is
+    built from the corpus.
     """
     cfg = config_lib.data_section(config)
     num_batches = cfg.eval_batches if num_batches is None else num_batches
-    ds = documents(config, "eval").shuffle(seed=_EVAL_SHUFFLE_SEED)
+    if tokenizer is not None and cfg.source == "builtin":
+        ds = grain.MapDataset.source(builtin.eval_documents(cfg, tokenizer))
+    else:
+        ds = documents(config, "eval")
+    ds = ds.shuffle(seed=_EVAL_SHUFFLE_SEED)
     ds = _host_slice(ds, process_index, process_count)
-    it = _pack_and_batch(ds, cfg, batch_size, drop_remainder=False, read_threads=0)
+    it = _pack_and_batch(ds, cfg, batch_size, drop_remainder=False, read_threads=0, tokenizer=tokenizer)
     batches = list(itertools.islice(iter(it), num_batches))
     if not batches:
         raise ValueError(f"The validation documents of process {process_index} are empty.")
