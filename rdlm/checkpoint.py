@@ -276,6 +276,15 @@ class Checkpoints:
         self.wait()
         self.manager.close()
 
+    def close_after_failure(self) -> None:
+        """When training fails elsewhere: finishes and verifies the step being written (it stays a checkpoint)
+        and stops Orbax's threads, so the process leaves with the first failure alone; a second is logged."""
+        for finish in (self.wait, self.manager.close):
+            try:
+                finish()
+            except Exception as e:  # noqa: BLE001 (the failure being raised is the one to report)
+                logging.warning("Closing the checkpoints under %s after a failure: %s", self.directory, _first_line(e))
+
 
 def _check_shapes(step_dir, stored: dict, params) -> None:
     """Raises ValueError naming the first parameter whose saved shape differs from this config's."""

@@ -184,9 +184,21 @@ def expected_failures(main: Callable[[list[str]], object]) -> Callable[[list[str
         try:
             return main(argv)
         except EXPECTED_ERRORS as e:
-            fail(str(e) or type(e).__name__)
+            # Orbax's writes that failed with it are logged again at exit as futures "never retrieved".
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            fail(describe(e))
 
     return wrapped
+
+
+def describe(error: BaseException) -> str:
+    """The message of an expected failure; an OSError raised by the OS itself (no message of ours, only
+    `[Errno 20] Not a directory: 'x'`) becomes a sentence that names the path and what to check."""
+    if isinstance(error, OSError) and error.errno is not None and error.args == (error.errno, error.strerror):
+        where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f) or "a path"
+        return (f"{where} cannot be used ({error.strerror}); check that the path is right and that this process "
+                "may read and write there.")
+    return str(error) or type(error).__name__
 
 
 def run(

@@ -158,41 +158,46 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         writer.close()
         raise preemption.Preempted(message)
 
-    step = first_step
-    while step < config.train.num_steps:
-        data_state = data_iter.get_state()  # where this step's batch starts, for the non-finite guard's message
-        batch = dict(next(data_iter))
-        bad_records = int(np.sum(batch.pop(pipeline.BAD_RECORDS_KEY, 0)))
-        batch = _global(fault_hooks.poison_batch(step + 1, batch), batch_sharding, config.train.batch_size, accum)
-        state, step_metrics = train_step(state, batch)
-        step += 1
-        reporter.add(step, step_metrics, data_state, bad_records)  # reports the step before: it is done by now
-        if config.eval.every_steps and step % config.eval.every_steps == 0:
-            eval_batches = eval_batches or heldout.eval_batches(config, mesh, rules)
-            writer.write(
-                step,
-                heldout.validation_loss(
-                    eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed
-                ),
-            )
-            if config.eval.tasks:  # shipped or JSONL tasks into metrics.jsonl and TensorBoard
-                task_hook = task_hook or training_hook.TaskHook(config, model_config, mesh, rules)
-                writer.write(step, task_hook(state.params))
-        out_of_time = budget_s and time.perf_counter() - started > budget_s
-        if step % config.checkpoint.every_steps == 0 or out_of_time:
-            save(state)
-        if stop.sigterm(ckpts.manager, step):
-            save_and_leave(f"Stopped by SIGTERM at step {step}; the checkpoint is saved, rerun to resume.")
-        if stop.out_of_job_time() and step < config.train.num_steps:
-            save_and_leave(stop.describe_limit(step))
-        if out_of_time:
-            logging.warning("train.time_budget_minutes=%s reached at step %d.", config.train.time_budget_minutes, step)
-            break
-    reporter.finish()
-    if progress:
-        progress.close()
-    save(state)
-    ckpts.wait()
+    try:
+        step = first_step
+        while step < config.train.num_steps:
+            data_state = data_iter.get_state()  # where this step's batch starts, for the non-finite guard's message
+            batch = dict(next(data_iter))
+            bad_records = int(np.sum(batch.pop(pipeline.BAD_RECORDS_KEY, 0)))
+            batch = _global(fault_hooks.poison_batch(step + 1, batch), batch_sharding, config.train.batch_size, accum)
+            state, step_metrics = train_step(state, batch)
+            step += 1
+            reporter.add(step, step_metrics, data_state, bad_records)  # reports the step before: it is done by now
+            if config.eval.every_steps and step % config.eval.every_steps == 0:
+                eval_batches = eval_batches or heldout.eval_batches(config, mesh, rules)
+                writer.write(
+                    step,
+                    heldout.validation_loss(
+                        eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed
+                    ),
+                )
+                if config.eval.tasks:  # shipped or JSONL tasks into metrics.jsonl and TensorBoard
+                    task_hook = task_hook or training_hook.TaskHook(config, model_config, mesh, rules)
+                    writer.write(step, task_hook(state.params))
+            out_of_time = budget_s and time.perf_counter() - started > budget_s
+            if step % config.checkpoint.every_steps == 0 or out_of_time:
+                save(state)
+            if stop.sigterm(ckpts.manager, step):
+                save_and_leave(f"Stopped by SIGTERM at step {step}; the checkpoint is saved, rerun to resume.")
+            if stop.out_of_job_time() and step < config.train.num_steps:
+                save_and_leave(stop.describe_limit(step))
+            if out_of_time:
+                logging.warning("train.time_budget_minutes=%s reached at step %d.", config.train.time_budget_minutes,
+                                step)
+                break
+        reporter.finish()
+        if progress:
+            progress.close()
+        save(state)
+        ckpts.wait()
+    except BaseException:  # the step being written still becomes a checkpoint; Orbax's threads stop
+        ckpts.close_after_failure()
+        raise
 
     result = {}
     if config.eval.final_num_steps:

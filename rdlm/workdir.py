@@ -16,7 +16,7 @@ import uuid
 import jax
 from absl import logging
 
-from rdlm import storage
+from rdlm import cli, storage
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -45,16 +45,15 @@ def _gib(n: float) -> str:
 
 
 def check_free_space(workdir, checkpoint_bytes: int, keep: int) -> None:
-    """Raises OSError(ENOSPC) unless the workdir's filesystem has room for one more checkpoint; warns below
+    """Raises cli.Failure (one sentence) unless the workdir's filesystem has room for one more checkpoint; warns below
     `keep` + 1 (the rotation holds `keep` verified steps while the next one is written)."""
     free = storage.free_bytes(workdir)
     if free is None or jax.process_index() != 0:
         return
     if free < checkpoint_bytes:
-        raise OSError(
-            errno.ENOSPC,
+        raise cli.Failure(
             f"--workdir={workdir} has {_gib(free)} free, less than one checkpoint of this run (about "
-            f"{_gib(checkpoint_bytes)}); free some space or choose a --workdir on a larger disk",
+            f"{_gib(checkpoint_bytes)}); free some space or choose a --workdir on a larger disk."
         )
     if free < (keep + 1) * checkpoint_bytes:
         logging.warning(

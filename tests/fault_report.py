@@ -1,7 +1,7 @@
 """Rows of the faults table that the README shows: each fault test records what it tried and what survived.
 
-`pytest -m "slow or not slow" tests/test_faults_*.py` prints the table at the end of the run
-(conftest.pytest_terminal_summary); a row counts only what its test asserted.
+The README's command (section "Faults and bad input") runs every fault test, slow ones included, and prints
+the table at the end of the run (conftest.pytest_terminal_summary); a row counts only what its test asserted.
 """
 
 import dataclasses
