@@ -22,13 +22,16 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def check_writable(workdir) -> None:
-    """Raises PermissionError (one sentence) unless this process can create files in `workdir`."""
+    """Raises PermissionError (one sentence) unless this process can create files in `workdir` (for gs://,
+    storage's own sentence on a missing bucket or refused access)."""
     probe = storage.path(workdir) / f".rdlm-write-probe-{jax.process_index()}-{uuid.uuid4().hex[:8]}"
     try:
         storage.makedirs(workdir)
         storage.write_text(probe, "rdlm checks that the workdir is writable\n")
         probe.unlink()
-    except OSError as e:  # storage.AccessDenied (gs://) is one too
+    except (storage.NotFound, storage.AccessDenied):
+        raise  # gs://: already one sentence naming the bucket and what to do
+    except OSError as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise PermissionError(
             f"--workdir={workdir} cannot be written ({reason}); choose a directory this process may write to."
