@@ -172,6 +172,7 @@ def test_a_corrupt_checkpoint_given_to_generate_is_one_sentence(tmp_path):
     assert np.array_equal(params["w"], _state(3).params["w"])
 
 
+@pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_on_gcs_falls_back(gcs_bucket, caplog):
     workdir = f"{gcs_bucket}/run"
     _save(workdir)

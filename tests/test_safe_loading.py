@@ -56,6 +56,7 @@ print(json.dumps(events))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter with an audit hook (~10 s on 2 busy cores)
 def test_loading_unpickles_nothing_and_runs_no_code_from_the_checkpoint(huginn_tiny_dir, tmp_path):
     folder = _planted_copy(huginn_tiny_dir, tmp_path)
     modules = sorted(p.stem for p in folder.glob("*.py"))
