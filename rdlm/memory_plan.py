@@ -98,4 +98,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    cli.expected_failures(main)(sys.argv)

@@ -3,9 +3,11 @@
 A step directory holds Orbax items side by side: `params`, `model_config` (JSON) and, for training
 checkpoints, `opt_state`, `data_iter` (one JSON file per process) and `config`. A training workdir keeps
 its steps under `WORKDIR/checkpoints/<step>`. Paths are local or gs:// (`rdlm.storage`). To read the model
-of any kind of checkpoint directory, use `rdlm.checkpoint_io`.
+of any kind of checkpoint directory, use `rdlm.checkpoint_io`. A step whose files no longer match its
+manifest (rdlm.checkpoint_manifest), or that fails to read, is one sentence (CorruptCheckpoint).
 """
 
+import contextlib
 import dataclasses
 import json
 from typing import Any
@@ -15,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from rdlm import storage
+from rdlm import checkpoint_manifest, storage
 from rdlm.model.config import ModelConfig
 
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -108,6 +110,7 @@ def save_params(directory, config: ModelConfig, params) -> None:
             model_config=ocp.args.JsonSave(model_config_to_json(config)),
         ),
     )
+    checkpoint_manifest.write(directory, ("params", "model_config"))
 
 
 def is_step_dir(directory) -> bool:
@@ -125,11 +128,43 @@ def latest_step_dir(workdir) -> epath.Path:
     return root / str(max(steps))
 
 
+class CorruptCheckpoint(ValueError):
+    """A step directory that cannot be read, in one sentence naming the step and the file (or the error)."""
+
+
+@contextlib.contextmanager
+def _readable(step_dir, items: tuple[str, ...]):
+    """Checks the files of `items` against the step's manifest, and turns a failed read into CorruptCheckpoint."""
+    step_dir = storage.path(step_dir)
+    problem = checkpoint_manifest.problem(step_dir, items)
+    if problem is not None:
+        raise CorruptCheckpoint(f"The checkpoint {step_dir} is corrupt: {problem}; {_EARLIER}")
+    try:
+        yield
+    except (CorruptCheckpoint, storage.NotFound, storage.AccessDenied):
+        raise
+    except Exception as e:  # noqa: BLE001 (Orbax and tensorstore raise many kinds for a damaged step)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CorruptCheckpoint(
+            f"The checkpoint {step_dir} cannot be read ({type(e).__name__}: {first}); {_EARLIER}"
+        ) from e
+
+
+_EARLIER = "pass an earlier step of the run (WORKDIR/checkpoints/<step>) as the checkpoint, or restore the files."
+
+
 def read_model_config(step_dir) -> ModelConfig:
-    restored = checkpointer().restore(
-        storage.path(step_dir), ocp.args.Composite(model_config=ocp.args.JsonRestore())
-    )
-    return model_config_from_json(restored.model_config)
+    with _readable(step_dir, ("model_config",)):
+        restored = checkpointer().restore(
+            storage.path(step_dir), ocp.args.Composite(model_config=ocp.args.JsonRestore())
+        )
+        return model_config_from_json(restored.model_config)
+
+
+def param_shapes(step_dir) -> dict[str, tuple[int, ...]]:
+    """{'['core']['adapter']'-style path: shape} of the params a step directory holds, from its metadata."""
+    metadata = checkpointer().metadata(storage.path(step_dir)).item_metadata["params"].tree
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(metadata)}
 
 
 def read_run_config(step_dir) -> dict | None:
@@ -137,13 +172,19 @@ def read_run_config(step_dir) -> dict | None:
     step_dir = storage.path(step_dir)
     if not storage.exists(step_dir / "config"):
         return None
-    return checkpointer().restore(step_dir, ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    with _readable(step_dir, ("config",)):
+        return checkpointer().restore(step_dir, ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
 def restore_params(step_dir, *, shardings=None, as_numpy: bool = False) -> dict:
     """The params of a step directory: on `shardings` (a pytree of NamedSharding; Orbax reshards, so the step
     may come from another mesh or device count), on the first local device, or as NumPy arrays."""
     step_dir = storage.path(step_dir)
+    with _readable(step_dir, ("params",)):
+        return _restore_params(step_dir, shardings, as_numpy)
+
+
+def _restore_params(step_dir, shardings, as_numpy: bool) -> dict:
     ckpt = checkpointer()
     metadata = ckpt.metadata(step_dir).item_metadata["params"].tree
     if as_numpy:

@@ -297,6 +297,45 @@ def glob(pattern: str) -> list[str]:
     return sorted(f for f in files if not _hidden(f[len(anchor):].lstrip("/"), rest))
 
 
+def list_files(p) -> dict[str, int]:
+    """Every file under directory `p` (recursively, hidden ones too), as {path relative to `p`: size in bytes}."""
+    root = path(p)
+    if not is_remote(root):
+        found, folders = {}, [root]
+        while folders:
+            for entry in folders.pop().iterdir():
+                if entry.is_dir():
+                    folders.append(entry)
+                else:
+                    found[entry.relative_to(root).as_posix()] = entry.stat().length
+        return found
+    url = os.fspath(root).rstrip("/")
+    with explained(url):
+        listing = _filesystem(url).find(url, detail=True)
+    prefix = url.split("://", 1)[1] + "/"
+    return {name[len(prefix):]: int(info["size"]) for name, info in listing.items()
+            if info.get("type") == "file" and name.startswith(prefix)}
+
+
+def free_bytes(p) -> int | None:
+    """Bytes free for this process on the filesystem of local directory `p`; None for a remote `p` (no limit)."""
+    if is_remote(p):
+        return None
+    stats = os.statvfs(os.fspath(path(p)))
+    return stats.f_bavail * stats.f_frsize
+
+
+def rename(src, dst) -> None:
+    """Moves a file or a directory (on gs://: a copy, then a delete, so not atomic there)."""
+    source, target = path(src), path(dst)
+    if not is_remote(source):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        return
+    with explained(source):
+        _filesystem(os.fspath(source)).mv(os.fspath(source), os.fspath(target), recursive=True)
+
+
 def missing_reason(p) -> str:
     """' (the bucket ... does not exist)' when that is why remote `p` is missing, else ''."""
     if is_remote(p) and _bucket_missing(os.fspath(p)):

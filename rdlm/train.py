@@ -1,10 +1,13 @@
 """Training: `python -m rdlm.train --config=configs/tiny.py --workdir=runs/tiny`.
 
-`train_and_evaluate(config, workdir)` resumes from the workdir's newest complete checkpoint (model,
-optimizer and data-iterator state), trains to `train.num_steps`, saving every
-`checkpoint.every_steps` and on SIGTERM, and ends with the recurrence-scaling table: held-out
+`train_and_evaluate(config, workdir)` resumes from the workdir's newest intact checkpoint (model,
+optimizer and data-iterator state; a corrupt newer one is named and passed over, rdlm.checkpoint),
+trains to `train.num_steps`, saving every `checkpoint.every_steps`, on SIGTERM and before the job's
+time limit (`train.max_hours`, rdlm.preemption), and ends with the recurrence-scaling table: held-out
 accuracy and validation loss against test-time r. A resumed run reads its data with its own saved
 tokenizer (WORKDIR/tokenizer.model) and refuses a built-in corpus whose fingerprint has changed.
+The workdir is checked before anything is compiled (rdlm.workdir); a non-finite step applies no
+update and is skipped or stops the run (`train.on_nonfinite`, rdlm.numerics).
 
 `--dry_run` compiles the train step from abstract shapes on the devices present and prints its
 memory per device and micro-batch layout as one JSON line (rdlm.program.dry_run); nothing is
@@ -19,7 +22,6 @@ if __name__ == "__main__":
 
 import json
 import os
-import signal
 import sys
 import time
 
@@ -31,15 +33,14 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from rdlm import checkpoint, checkpoint_io, metrics, perf, sharding, state as state_lib, steps, storage
+from rdlm import checkpoint, checkpoint_io, fault_hooks, metrics, numerics, perf, preemption, sharding
+from rdlm import state as state_lib
+from rdlm import steps, storage, train_log
+from rdlm import workdir as workdir_lib
 from rdlm import program as program_lib
 from rdlm.data import pipeline
 from rdlm.data import tokenizer as tokenizer_lib
 from rdlm.eval import heldout, report, training_hook
-
-
-class Preempted(Exception):
-    """Training stopped on SIGTERM after saving a checkpoint."""
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
@@ -67,24 +68,6 @@ def _on_cloud_tpu_vm() -> bool:
     return bool(running_in_cloud_tpu_vm)
 
 
-class _SigtermFlag:
-    """Set by SIGTERM; multi-process runs use JAX's preemption sync point instead (it owns SIGTERM)."""
-
-    def __init__(self):
-        self.received = False
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the end of this step.")
-        self.received = True
-
-    def should_stop(self, manager, step: int) -> bool:
-        if jax.process_count() > 1:
-            return manager.reached_preemption(step)
-        return self.received
-
-
 def _global(batch: dict, sharding_, rows: int, accum: int):
     if accum > 1:
         batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
@@ -106,20 +89,24 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
     model_config, model, tx, micro = program.model_config, program.model, program.tx, program.micro
     abstract, shardings = program.abstract, program.shardings
     logging.info("%s", micro.describe())
-    storage.makedirs(workdir)
+    numerics.check_config(config.train)
+    stop = preemption.StopSignals(config.train)  # the job's clock starts here
+    workdir_lib.check_writable(workdir)  # before any data is built or anything compiled
+    workdir_lib.check_free_space(workdir, workdir_lib.state_bytes(abstract), config.checkpoint.keep)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    start = ckpts.latest_step()
+    resuming = bool(ckpts.steps())
     config_json = config.to_dict()  # each checkpoint records the config as given
-    config = _with_run_tokenizer(config, workdir) if start is not None else config
+    config = _with_run_tokenizer(config, workdir) if resuming else config
     tokenizer_lib.check_vocab(pipeline.corpus_vocab_size(config), model_config.vocab_size)
     corpus = _corpus(config)
-    if start is None:
+    if not resuming:
         _save_tokenizer(config, workdir)
-    else:
-        _check_same_corpus(ckpts, start, corpus)
 
     seq_len = config.data.seq_len
     rng = jax.random.key(config.train.seed)
+    restored = ckpts.restore_latest(abstract, shardings) if resuming else None
+    if restored is not None:
+        _check_same_corpus(ckpts, restored[0], corpus)
     data_iter = pipeline.make_train_iterator(
         config,
         process_index=jax.process_index(),
@@ -127,12 +114,14 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         seed=config.train.seed,
         batch_size_per_process=config.train.batch_size // jax.process_count(),
     )
-    if start is not None:
-        state, iter_state = ckpts.restore(start, abstract, shardings)
+    if restored is not None:
+        start, state, iter_state = restored
         data_iter.set_state(iter_state)
         logging.info("Resumed from %s at step %d.", ckpts.directory, start)
     elif config.init_from:
         _, params = checkpoint_io.load_params(config.init_from, shardings=shardings.params)
+        if not bool(numerics.all_finite(params)):
+            raise ValueError(f"init_from={config.init_from} holds non-finite parameters; start from another checkpoint.")
         state = state_lib.state_from_params(params, tx, shardings)
         logging.info("Initialised params from %s.", config.init_from)
     else:
@@ -148,60 +137,67 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
     peak = config.log.peak_tflops or perf.measure_peak_tflops()
     tokens_per_step = config.train.batch_size * seq_len
     progress = metrics.ProgressBar(config.train.num_steps, tokens_per_step=tokens_per_step) if primary else None
-    stop = _SigtermFlag()
+    reporter = train_log.StepReporter(config, model_config, writer, workdir, progress=progress, peak_tflops=peak,
+                                     process_index=jax.process_index())
     budget_s = config.train.time_budget_minutes * 60
     logging.info(
         "Training %s from step %d to %d on mesh %s.", model_config, first_step, config.train.num_steps, dict(mesh.shape)
     )
 
-    pending, last_time, started = None, time.perf_counter(), time.perf_counter()
-
-    def log_pending():
-        nonlocal pending, last_time
-        if pending is not None:
-            last_time = _log(writer, progress, pending, config, model_config, peak, last_time, tokens_per_step)
-            pending = None
+    started = time.perf_counter()
 
     def save(step_state):
         # A checkpoint covers its steps' metrics: a run resumed from it never logs them again.
-        log_pending()
+        reporter.finish()
         writer.flush()
         ckpts.save(step_state, data_iter.get_state(), _json_safe(config_json), model_config, corpus)
 
-    step = first_step
-    while step < config.train.num_steps:
-        batch = _global(next(data_iter), batch_sharding, config.train.batch_size, accum)
-        state, step_metrics = train_step(state, batch)
-        step += 1
-        log_pending()  # fetched one step late: the device never waits for the host
-        pending = (step, step_metrics) if step % config.log.every_steps == 0 or step == config.train.num_steps else None
-        if config.eval.every_steps and step % config.eval.every_steps == 0:
-            eval_batches = eval_batches or heldout.eval_batches(config, mesh, rules)
-            writer.write(
-                step,
-                heldout.validation_loss(
-                    eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed
-                ),
-            )
-            if config.eval.tasks:  # shipped or JSONL tasks into metrics.jsonl and TensorBoard
-                task_hook = task_hook or training_hook.TaskHook(config, model_config, mesh, rules)
-                writer.write(step, task_hook(state.params))
-        out_of_time = budget_s and time.perf_counter() - started > budget_s
-        if step % config.checkpoint.every_steps == 0 or out_of_time:
-            save(state)
-        if stop.should_stop(ckpts.manager, step):
-            save(state)
-            ckpts.wait()
-            writer.close()
-            raise Preempted(f"Stopped by SIGTERM at step {step}; the checkpoint is saved, rerun to resume.")
-        if out_of_time:
-            logging.warning("train.time_budget_minutes=%s reached at step %d.", config.train.time_budget_minutes, step)
-            break
-    log_pending()
-    if progress:
-        progress.close()
-    save(state)
-    ckpts.wait()
+    def save_and_leave(message: str):
+        save(state)
+        ckpts.wait()
+        writer.close()
+        raise preemption.Preempted(message)
+
+    try:
+        step = first_step
+        while step < config.train.num_steps:
+            data_state = data_iter.get_state()  # where this step's batch starts, for the non-finite guard's message
+            batch = dict(next(data_iter))
+            bad_records = int(np.sum(batch.pop(pipeline.BAD_RECORDS_KEY, 0)))
+            batch = _global(fault_hooks.poison_batch(step + 1, batch), batch_sharding, config.train.batch_size, accum)
+            state, step_metrics = train_step(state, batch)
+            step += 1
+            reporter.add(step, step_metrics, data_state, bad_records)  # reports the step before: it is done by now
+            if config.eval.every_steps and step % config.eval.every_steps == 0:
+                eval_batches = eval_batches or heldout.eval_batches(config, mesh, rules)
+                writer.write(
+                    step,
+                    heldout.validation_loss(
+                        eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed
+                    ),
+                )
+                if config.eval.tasks:  # shipped or JSONL tasks into metrics.jsonl and TensorBoard
+                    task_hook = task_hook or training_hook.TaskHook(config, model_config, mesh, rules)
+                    writer.write(step, task_hook(state.params))
+            out_of_time = budget_s and time.perf_counter() - started > budget_s
+            if step % config.checkpoint.every_steps == 0 or out_of_time:
+                save(state)
+            if stop.sigterm(ckpts.manager, step):
+                save_and_leave(f"Stopped by SIGTERM at step {step}; the checkpoint is saved, rerun to resume.")
+            if stop.out_of_job_time() and step < config.train.num_steps:
+                save_and_leave(stop.describe_limit(step))
+            if out_of_time:
+                logging.warning("train.time_budget_minutes=%s reached at step %d.", config.train.time_budget_minutes,
+                                step)
+                break
+        reporter.finish()
+        if progress:
+            progress.close()
+        save(state)
+        ckpts.wait()
+    except BaseException:  # the step being written still becomes a checkpoint; Orbax's threads stop
+        ckpts.close_after_failure()
+        raise
 
     result = {}
     if config.eval.final_num_steps:
@@ -280,25 +276,6 @@ def _json_safe(value):
     return value
 
 
-def _log(writer, progress, pending, config, model_config, peak, last_time, tokens_per_step) -> float:
-    step, values = pending
-    values = {k: float(v) for k, v in jax.device_get(values).items()}
-    if not np.isfinite(values["loss"]):
-        raise FloatingPointError(f"The loss became {values['loss']} at step {step}; lower optim.lr or check the data.")
-    now = time.perf_counter()
-    n = int(values["num_steps_no_grad"])
-    k = int(values["num_steps"]) - n
-    flops = metrics.model_flops_per_token(model_config, config.data.seq_len, n, k) * tokens_per_step
-    every = max(1, config.log.every_steps)
-    seconds = (now - last_time) / every
-    values.update(step_seconds=seconds, tokens_per_second=tokens_per_step / seconds)
-    values["mfu"] = flops / seconds / (peak * 1e12 * jax.device_count())
-    writer.write(step, values)
-    if progress:
-        progress.update(step, loss=values["loss"])
-    return now
-
-
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/tiny.py.", lock_config=True, flag_values=FLAGS
@@ -339,9 +316,14 @@ def main(argv):
         cli.fail("--workdir is required, e.g. --workdir=runs/tiny.")
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except Preempted as e:
+    except preemption.Preempted as e:
         logging.warning("%s", e)
         sys.exit(0)
+    except OSError as e:
+        if not workdir_lib.is_disk_full(e):
+            raise
+        cli.fail(f"{workdir_lib.describe_disk_full(e)}; free some space and rerun the same command to resume "
+                 "from the newest complete checkpoint.")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,15 @@ def gcs_bucket(gcs_server):
     return gcs_server.create_bucket()
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The table of faults tried and survived (README "Faults and bad input"), when fault tests ran."""
+    import fault_report
+
+    if fault_report.ROWS:
+        terminalreporter.write_sep("=", "faults tried and survived")
+        terminalreporter.write_line(fault_report.table())
+
+
 def write_small_tasks(directory) -> dict[str, pathlib.Path]:
     """8-document copies of the shipped parity tasks as task specs; the generation one with a few-shot exemplar."""
     import json

@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.bos_id = -1  # BOS id; -1 takes it from the tokenizer (set it for id-only corpora).
     data.eos_id = -1  # EOS id; -1 takes it from the tokenizer.
     data.pad_id = -1  # Padding id; -1 takes it from the tokenizer.
+    # A record that cannot be read or holds an id outside the vocabulary: 'error' stops with one sentence
+    # naming the file and record; 'skip' leaves it out, logs it and counts it (metrics: data_bad_records).
+    data.on_bad_record = "error"
     data.append_eos = True  # End every document with EOS, so the model learns to stop.
     data.num_epochs = 0  # Passes over the training documents; 0 repeats forever.
     data.worker_count = 0  # grain worker processes; 0 packs in the training process.

@@ -3,6 +3,10 @@
 The training iterator is a grain `DatasetIterator`: `get_state()` returns a small JSON-able dict
 and `set_state()` on a fresh iterator built from the same config, seed and process layout resumes
 exactly where the saved one was.
+
+With `data.on_bad_record='skip'`, records a source cannot use (`sources.BadRecord`) are left out before
+packing; each training batch then carries `bad_records` ([rows] int32), how many each row's stream
+skipped while it was read, exact across resumes (the trainer pops it and logs the count).
 """
 
 import dataclasses
@@ -10,13 +14,14 @@ import itertools
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from rdlm.data import builtin, packing, sources
 from rdlm.data import config as config_lib
 from rdlm.data import tokenizer as tokenizer_lib
 
 SOURCES = ("builtin", "arrayrecord", "parquet")
+BAD_RECORDS_KEY = "bad_records"
 _EVAL_SHUFFLE_SEED = 0
 
 
@@ -107,8 +112,8 @@ def _file_source(cfg, paths, field: str, vocab_size: int | None):
     """Opens the configured kind of file source; ids outside [0, vocab_size) are refused when read."""
     files = sources.resolve_paths(paths, field)
     if cfg.source == "arrayrecord":
-        return sources.ArrayRecordSource(files, vocab_size)
-    return sources.ParquetSource(files, cfg.parquet_column, vocab_size)
+        return sources.ArrayRecordSource(files, vocab_size, cfg.on_bad_record)
+    return sources.ParquetSource(files, cfg.parquet_column, vocab_size, cfg.on_bad_record)
 
 
 def documents(config, split: str) -> grain.MapDataset:
@@ -119,6 +124,7 @@ def documents(config, split: str) -> grain.MapDataset:
     cfg, vocab_size = config_lib.data_section(config), model_vocab_size(config)
     if cfg.source not in SOURCES:
         raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}.")
+    sources.check_on_bad_record(cfg.on_bad_record)
     if cfg.source == "builtin":
         corpus = builtin_corpus(cfg)
         ds = grain.MapDataset.source(corpus.train_docs if split == "train" else corpus.eval_docs)
@@ -151,7 +157,7 @@ def _pack_and_batch(ds: grain.MapDataset, cfg, batch_size: int, *, drop_remainde
     ids = special_ids(cfg, tokenizer)
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads)
     rows = packing.PackIterDataset(
-        ds.to_iter_dataset(options),
+        SkipBadRecords(ds.to_iter_dataset(options)),
         seq_len=cfg.seq_len, bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad,
     )
     return rows.batch(batch_size, drop_remainder=drop_remainder)
@@ -166,30 +172,70 @@ def _host_slice(ds: grain.MapDataset, process_index: int, process_count: int) ->
     return ds[process_index::process_count]
 
 
-class RowStreams(grain.IterDataset):
-    """Batches whose row j comes from its own packed stream; its state is the list of stream states."""
+class SkipBadRecords(grain.IterDataset):
+    """Leaves out the `sources.BadRecord`s of a document stream, counting them (the count is in its state)."""
 
-    def __init__(self, streams: list[grain.IterDataset]):
-        super().__init__(streams)
-        self._streams = streams
+    def __iter__(self) -> "SkipBadRecordsIterator":
+        return SkipBadRecordsIterator(iter(self._parent))
+
+
+class SkipBadRecordsIterator(grain.DatasetIterator):
+    """Its state is the parent's plus the number of bad records skipped so far, so a resume counts each once."""
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.skipped = 0
+
+    def __next__(self):
+        while True:
+            doc = next(self._parent)
+            if not isinstance(doc, sources.BadRecord):
+                return doc
+            self.skipped += 1
+            logging.warning("Skipped a bad record: %s (data.on_bad_record='skip').", doc.describe())
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "skipped": self.skipped}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self.skipped = int(state["skipped"])
+
+
+class RowStreams(grain.IterDataset):
+    """Batches whose row j comes from its own packed stream of documents; its state is the list of stream states."""
+
+    def __init__(self, documents: list[grain.IterDataset], pack_options: dict):
+        super().__init__(documents)
+        self._documents, self._pack_options = documents, pack_options
 
     def __iter__(self) -> "RowStreamsIterator":
-        return RowStreamsIterator([iter(s) for s in self._streams])
+        skips = [SkipBadRecordsIterator(iter(d)) for d in self._documents]
+        return RowStreamsIterator([packing.PackDatasetIterator(s, **self._pack_options) for s in skips], skips)
 
 
 class RowStreamsIterator(grain.DatasetIterator):
-    """Stacks one row from each stream; stops when any stream is exhausted (finite data.num_epochs)."""
+    """Stacks one row from each stream; stops when any stream is exhausted (finite data.num_epochs).
 
-    def __init__(self, iterators):
+    Each batch's `bad_records` holds, per row, the bad records its stream skipped since the previous
+    batch: the difference of the streams' skip counts, which the state keeps as of the last batch.
+    """
+
+    def __init__(self, iterators, skips):
         super().__init__(iterators)
-        self._iterators = iterators
+        self._iterators, self._skips = iterators, skips
+        self._counted = [0] * len(skips)
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [next(it) for it in self._iterators]
-        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+        batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+        now = [s.skipped for s in self._skips]
+        batch[BAD_RECORDS_KEY] = np.asarray(now, np.int32) - np.asarray(self._counted, np.int32)
+        self._counted = now
+        return batch
 
     def get_state(self) -> dict:
-        return {"streams": [it.get_state() for it in self._iterators]}
+        return {"streams": [it.get_state() for it in self._iterators], "bad_records_counted": list(self._counted)}
 
     def set_state(self, state: dict) -> None:
         if len(state["streams"]) != len(self._iterators):
@@ -199,6 +245,7 @@ class RowStreamsIterator(grain.DatasetIterator):
             )
         for it, stream_state in zip(self._iterators, state["streams"]):
             it.set_state(stream_state)
+        self._counted = list(state.get("bad_records_counted", [s.skipped for s in self._skips]))
 
 
 def make_train_iterator(config, *, process_index: int, process_count: int, seed: int,
@@ -211,7 +258,8 @@ def make_train_iterator(config, *, process_index: int, process_count: int, seed:
     whatever the number of processes, and each host reads only its own documents.
 
     Each batch is a dict of numpy arrays with leading dim `batch_size_per_process`: `inputs`,
-    `targets`, `segment_ids`, `positions` (int32, [B, seq_len]) and `weights` (float32).
+    `targets`, `segment_ids`, `positions` (int32, [B, seq_len]), `weights` (float32) and `bad_records`
+    (int32, [B]: records left out under data.on_bad_record='skip'; not a model input).
     """
     cfg = config_lib.data_section(config)
     if batch_size_per_process < 1:
@@ -227,13 +275,10 @@ def make_train_iterator(config, *, process_index: int, process_count: int, seed:
     threads = 0 if cfg.source == "builtin" else cfg.read_threads
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, 2 * threads))
     streams = [
-        packing.PackIterDataset(
-            ds[j::rows].repeat(cfg.num_epochs or None).to_iter_dataset(options),
-            seq_len=cfg.seq_len, bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad,
-        )
+        ds[j::rows].repeat(cfg.num_epochs or None).to_iter_dataset(options)
         for j in range(process_index * batch_size_per_process, (process_index + 1) * batch_size_per_process)
     ]
-    it = RowStreams(streams)
+    it = RowStreams(streams, dict(seq_len=cfg.seq_len, bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad))
     if cfg.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain workers read absl flags (e.g. in a notebook).
             flags.FLAGS.mark_as_parsed()

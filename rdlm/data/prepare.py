@@ -25,13 +25,15 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def read_documents(files: Sequence[str], text_field: str = "text") -> Iterator[str]:
-    """Yields the documents of text files (one each) and JSONL files (one per line)."""
+    """Yields the documents of text files (one each) and JSONL files (one per line); text must be UTF-8."""
     for path in files:
         if not path.endswith(".jsonl"):
-            yield storage.read_text(path)
+            data = storage.read_bytes(path)
+            yield _utf8(data, path, _line_of(data, 0))
             continue
-        with storage.open(path, "r") as f:
-            for line_no, line in enumerate(f, 1):
+        with storage.open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                line = _utf8(raw, path, lambda _: line_no)
                 if not line.strip():
                     continue
                 try:
@@ -43,6 +45,22 @@ def read_documents(files: Sequence[str], text_field: str = "text") -> Iterator[s
                         f"(--text_field); fix the line or pass the right field ({e!r})."
                     ) from e
                 yield text
+
+
+def _line_of(data: bytes, _):
+    """Line number (1-based) of a byte offset of `data`."""
+    return lambda offset: data.count(b"\n", 0, offset) + 1
+
+
+def _utf8(data: bytes, path: str, line_of) -> str:
+    """`data` decoded as UTF-8, or one sentence naming the file, line and byte that are not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at line {line_of(e.start)} ({e.reason}); "
+            "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out of --input."
+        ) from None
 
 
 def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -71,8 +89,19 @@ def prepare(
     if tokenizer:
         tok, tok_path = tokenizer_lib.Tokenizer.from_file(tokenizer), str(storage.path(tokenizer))
     else:
-        texts = read_documents(files, text_field)
-        tok = tokenizer_lib.train_tokenizer(texts, vocab_size, max_mb=tokenizer_train_mb)
+        unreadable = []  # a bad file found while SentencePiece reads: its own sentence, not SentencePiece's
+
+        def texts():
+            try:
+                yield from read_documents(files, text_field)
+            except ValueError as e:
+                unreadable.append(e)
+
+        try:
+            tok = tokenizer_lib.train_tokenizer(texts(), vocab_size, max_mb=tokenizer_train_mb)
+        finally:
+            if unreadable:
+                raise unreadable[0]
         tok.save(out / TOKENIZER_FILE)
         tok_path = TOKENIZER_FILE  # Relative: the directory can be moved as a whole.
 

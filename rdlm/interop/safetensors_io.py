@@ -3,11 +3,20 @@
 A local file is memory-mapped tensor by tensor; a gs:// file is read one tensor's byte range at a time. So
 a 3.5B checkpoint is never read into memory as a whole. Writing streams tensors one after another into a
 single file (local or gs://).
+
+Why not the `safetensors` package: its lazy reader (`safe_open`) takes a local file name only, and
+`safetensors.numpy.load` needs the whole file in memory, so neither reads a gs:// checkpoint one byte range
+at a time through rdlm.storage. The format is small (an 8-byte length, a JSON header, raw little-endian
+bytes), and this reader checks what the package checks before touching any data: the header length
+against the file size and the package's 100 MB header limit, the header as a JSON object, each tensor's
+dtype, shape and offsets inside the data. A file that fails is one sentence naming it. Nothing is ever
+unpickled (safetensors holds no pickles; no other weight format is read).
 """
 
 import json
 import struct
 from collections.abc import Callable, Iterator, Mapping
+from typing import NoReturn
 
 import ml_dtypes
 import numpy as np
@@ -30,6 +39,7 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_HEADER_BYTES = 100_000_000  # the safetensors package's own limit
 
 
 class SafetensorsFile:
@@ -38,14 +48,44 @@ class SafetensorsFile:
     def __init__(self, path):
         self.path = storage.path(path)
         with storage.open(self.path, "rb", random_access=True) as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(0)
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                self._refuse(f"it is {size} bytes long, too short for the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                self._refuse(f"its header length {header_len:,} exceeds the format's limit of {MAX_HEADER_BYTES:,} bytes")
+            if 8 + header_len > size:
+                self._refuse(f"its header length {header_len:,} runs past the end of the {size:,}-byte file (truncated?)")
             try:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{self.path} is not a safetensors file (bad header: {e}).") from None
+                self._refuse(f"its header is not JSON ({e})")
+        if not isinstance(header, dict):
+            self._refuse(f"its header is a JSON {type(header).__name__}, not an object")
         self.metadata = header.pop("__metadata__", {}) or {}
         self._entries = header
         self._data_start = 8 + header_len
+        for key, entry in header.items():
+            self._check_entry(key, entry, size - self._data_start)
+
+    def _refuse(self, why: str) -> NoReturn:
+        raise ValueError(f"{self.path} is not a valid safetensors file: {why}; download or convert it again.")
+
+    def _check_entry(self, key: str, entry, data_bytes: int) -> None:
+        """Refuses a header entry whose dtype, shape or byte range does not describe data inside the file."""
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            valid = isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape) and (
+                isinstance(begin, int) and isinstance(end, int))
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            self._refuse(f"its header entry for {key!r} is not {{dtype, shape, data_offsets}}: {str(entry)[:200]}")
+        if not 0 <= begin <= end <= data_bytes:
+            self._refuse(f"tensor {key!r} lies at bytes [{begin}, {end}) of a {data_bytes}-byte data section")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -77,8 +117,15 @@ class CheckpointTensors(Mapping):
         directory = storage.path(directory)
         index = directory / INDEX_FILE
         if storage.exists(index):
-            weight_map = json.loads(storage.read_text(index))["weight_map"]
-            files = {name: SafetensorsFile(directory / name) for name in sorted(set(weight_map.values()))}
+            try:
+                weight_map = dict(json.loads(storage.read_text(index))["weight_map"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{index} is not a safetensors index with a weight_map ({type(e).__name__}: {e}).") from None
+            names = sorted({str(name) for name in weight_map.values()})
+            outside = [name for name in names if "/" in name or "\\" in name or name.startswith(".")]
+            if outside:
+                raise ValueError(f"{index} names shard(s) {outside[:3]} outside its directory; refusing to read them.")
+            files = {name: SafetensorsFile(directory / name) for name in names}
             self._where = {key: files[name] for key, name in weight_map.items()}
         else:
             single = directory / SINGLE_FILE
