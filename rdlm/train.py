@@ -33,7 +33,7 @@ from ml_collections import config_flags
 
 from rdlm import checkpoint, checkpoint_io, metrics, perf, sharding, state as state_lib, steps, storage
 from rdlm import program as program_lib
-from rdlm.data import pipeline
+from rdlm.data import chat, pipeline
 from rdlm.data import tokenizer as tokenizer_lib
 from rdlm.eval import heldout, report, training_hook
 
@@ -132,6 +132,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         data_iter.set_state(iter_state)
         logging.info("Resumed from %s at step %d.", ckpts.directory, start)
     elif config.init_from:
+        checkpoint_io.check_same_shape(config.init_from, model_config)
         _, params = checkpoint_io.load_params(config.init_from, shardings=shardings.params)
         state = state_lib.state_from_params(params, tx, shardings)
         logging.info("Initialised params from %s.", config.init_from)
@@ -231,6 +232,9 @@ def _save_tokenizer(config, workdir: epath.Path) -> None:
     elif path.exists():
         logging.warning("Removing %s: it was left by an earlier start, and this run has no tokenizer.", path)
         path.unlink()
+    source = pipeline.tokenizer_file(config)
+    if source and source.endswith(".json"):  # huginn's tokenizer.json (chat shards): generation and export find it
+        chat.copy_tokenizer_json(source, workdir)
 
 
 def _with_run_tokenizer(config, workdir: epath.Path):

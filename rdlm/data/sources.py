@@ -79,7 +79,11 @@ class ShardWriter:
         self._writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
 
     def write(self, ids: Sequence[int] | np.ndarray) -> None:
-        self._writer.write(encode_record(ids))
+        self.write_record(encode_record(ids))
+
+    def write_record(self, record: bytes) -> None:
+        """Writes one already serialized record (e.g. rdlm.data.chat's ids + loss mask)."""
+        self._writer.write(record)
 
     def close(self) -> None:
         self._writer.close()
