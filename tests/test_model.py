@@ -85,7 +85,8 @@ def test_traced_k_matches_static_k(params):
     for k in (1, 3):
         static = jax.value_and_grad(_loss)(params, ids, (2, k), s0)
         traced = jax.jit(jax.value_and_grad(_loss))(params, ids, (jnp.int32(2), jnp.int32(k)), s0)
-        assert_trees_close(static, traced)
+        # Eager and jitted float32 differ only by XLA's fusion order: about 1e-5 of a leaf's scale.
+        assert_trees_close(static, traced, rel=5e-5)
 
 
 def test_unstacked_layers_give_the_stacked_outputs(params):

@@ -12,7 +12,7 @@ import huginn_tokenizer
 from rdlm import checkpoint_io, cli, generate as generate_cli, orbax_steps
 from rdlm.interop import huginn, safetensors_io
 from rdlm.model import RecurrentLM
-from rdlm.sampling import SamplerOptions, decode, generate, logits, text
+from rdlm.sampling import KVCache, SamplerOptions, decode, generate, logits, precision, text
 
 NEW = 12
 
@@ -55,6 +55,64 @@ def test_second_call_does_not_recompile(tiny):
     other = greedy(config, params, exp["input_ids"][1:2, 3:11], 2, stop_tokens=[7, 9])
     assert (sampler.decode._cache_size(), decode.prefill._cache_size()) == before
     assert np.asarray(other.tokens).shape == (1, 8 + NEW)
+    greedy(config, params, exp["input_ids"][:1, :8], 8, exit_criterion="kl", exit_threshold=0.1, check_every=2)
+    kl = decode.cached_sampler(config, SamplerOptions.build(num_steps=8, init_scale=0.0, exit_criterion="kl").static())
+    assert kl.decode._cache_size() == 1
+    greedy(config, params, exp["input_ids"][1:2, 3:11], 8, exit_criterion="kl", exit_threshold=0.01, check_every=1,
+           min_steps=1)  # threshold, check_every and min_steps are knobs: the same program
+    assert kl.decode._cache_size() == 1
+
+
+def _program_size(config, params, prompt, options: SamplerOptions) -> int:
+    """Lines of the decode loop's StableHLO for these options (the program XLA compiles)."""
+    sampler = decode.Sampler(config, options)
+    knobs = options.knobs()
+    ids, lengths = np.asarray(prompt, np.int32)[None], np.asarray([len(prompt)], np.int32)
+    state = jax.eval_shape(lambda: sampler.prefill(params, knobs, ids, lengths, jax.random.key(0), max_new_tokens=4))
+    return len(sampler.decode.lower(params, knobs, state).as_text().splitlines())  # traced, not compiled
+
+
+@pytest.mark.parametrize("exit_criterion", [None, "kl", "latent-diff"])
+def test_the_compiled_program_does_not_grow_with_num_steps(tiny, exit_criterion):
+    """The iterations run in a while loop: the program for r = 32 is the one for r = 4, so compile time and
+    memory do not depend on r."""
+    config, params, exp = tiny
+    prompt = exp["input_ids"][0, :8]
+    sizes = {r: _program_size(config, params, prompt, SamplerOptions.build(num_steps=r, init_scale=0.0,
+                                                                         exit_criterion=exit_criterion))
+             for r in (4, 32)}
+    assert sizes[4] == sizes[32], sizes
+
+
+def test_bfloat16_inference_agrees_with_float32(tiny):
+    """Weights and activations in bf16: logits within 2.5% of the reference's float32 ones and the same argmax at
+    (nearly) every position; the bf16 cache (stored as uint16 bits) reads back what was written."""
+    config, params, exp = tiny
+    bf_config, bf_params = precision.with_dtype(config, params, "bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(bf_params)} == {jnp.dtype(jnp.bfloat16)}
+    forward = jax.jit(lambda p, x: RecurrentLM(bf_config).apply({"params": p}, x, num_steps=4, init_scale=0.0).logits)
+    logits = forward(bf_params, exp["input_ids"])
+    reference = exp["logits_zero_init_r4"]
+    error = np.abs(np.asarray(logits) - reference).max()
+    assert 1e-3 < error < 0.025 * np.abs(reference).max(), error  # bf16 for real, and close
+    assert np.mean(np.argmax(logits, axis=-1) == np.argmax(reference, axis=-1)) >= 0.9
+    cache = KVCache.create(bf_config, 2, 8, 3)
+    L, H, K = config.n_layers_in_recurrent_block, config.n_heads, config.head_dim
+    kv = tuple(jnp.asarray(np.random.default_rng(i).normal(size=(L, 2, 1, H, K)), jnp.bfloat16) for i in (0, 1))
+    cache = cache.write_core(1, kv, jnp.asarray([[2], [5]]))
+    keys, values = cache.core_slot(1)
+    assert keys[0].dtype == jnp.bfloat16 and cache.core[0].dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(keys[0][0, :, :, 2], np.float32), np.asarray(kv[0][0, 0, 0], np.float32))
+    np.testing.assert_array_equal(np.asarray(values[0][1, :, 5], np.float32), np.asarray(kv[1][0, 1, 0], np.float32))
+    with pytest.raises(ValueError, match="dtype='float16' is not one of float32, bfloat16"):
+        precision.with_dtype(config, params, "float16")
+
+
+@pytest.mark.slow
+def test_bfloat16_greedy_equals_float32_greedy_on_the_fixture(tiny):
+    config, params, exp = tiny
+    out = greedy(*precision.with_dtype(config, params, "bfloat16"), exp["input_ids"][:1, :8], 8)
+    np.testing.assert_array_equal(out.tokens, exp["greedy_r8"])
 
 
 @pytest.mark.parametrize(
@@ -154,10 +212,10 @@ def test_cli_reports_bad_input_in_one_line(huginn_tiny_dir, capsys):
     generate_cli.FLAGS(argv)
     try:
         with pytest.raises(SystemExit) as exit_:
-            cli.expected_failures(generate_cli.main)(argv[:1])
+            cli.expected_failures(generate_cli.main)(argv[:1])  # what cli.run wraps main in
     finally:
         generate_cli.FLAGS.unparse_flags()
-    assert exit_.value.code == 2
+    assert exit_.value.code == cli.USAGE_ERROR
     assert capsys.readouterr().err == (
         "error: Unknown exit_criterion 'bogus'; choose one of ('kl', 'minp-kl', 'entropy-diff', "
         "'latent-diff', 'cosine', 'argmax-stability') or None.\n"
