@@ -28,8 +28,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the fine-tune; its d
 _STEPS = flags.DEFINE_integer("num_steps", 200, "Fine-tuning steps.", flag_values=FLAGS)
 _LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate of the fine-tune.", flag_values=FLAGS)
 _TRAIN = flags.DEFINE_integer("train_conversations", 20000, "Training conversations.", flag_values=FLAGS)
-_R = flags.DEFINE_list("eval_num_steps", ["1", "2", "4", "8", "16", "32", "64"], "Test-time r to score.",
+_R = flags.DEFINE_list("eval_num_steps", ["1", "2", "4", "8", "16", "32"], "Test-time r to score.",
                        flag_values=FLAGS)
+_HELDOUT = flags.DEFINE_integer("heldout_problems", 256, "Held-out problems per task (an even spread of the base "
+                                "run's own; 0: all of them).", flag_values=FLAGS)
 
 
 def _conversation(problem) -> dict:
@@ -51,7 +53,14 @@ def _drop_heldout(problems: list, heldout: list) -> list:
     return [p for p in problems if 2 * clash[p.difficulty] > total[p.difficulty] or p.prompt not in seen]
 
 
-def write_chat_sets(base_config, out, train_conversations: int) -> dict:
+def _spread(problems: list, n: int) -> list:
+    """`n` of `problems` evenly spaced (all when n is 0 or covers them)."""
+    if not n or n >= len(problems):
+        return problems
+    return [problems[i * len(problems) // n] for i in range(n)]
+
+
+def write_chat_sets(base_config, out, train_conversations: int, heldout_problems: int = 0) -> dict:
     """Writes train.jsonl, heldout.jsonl and a multiple-choice chat task per difficulty range into `out`.
 
     The held-out problems are the base run's own (those of its final table, which its training never saw).
@@ -66,6 +75,7 @@ def write_chat_sets(base_config, out, train_conversations: int) -> dict:
         problems = tasks.generate(task, train_conversations // len(heldout), seed=spec.seed + 17,
                                   difficulties=spec.difficulties)
         train += _drop_heldout(problems, heldout[task])
+    heldout = {task: _spread(problems, heldout_problems) for task, problems in heldout.items()}
     out = storage.makedirs(out)
     _write_jsonl(out / "train.jsonl", [_conversation(p) for p in train])
     _write_jsonl(out / "heldout.jsonl", [_conversation(p) for ps in heldout.values() for p in ps])
@@ -77,7 +87,7 @@ def write_chat_sets(base_config, out, train_conversations: int) -> dict:
             if not chosen:
                 continue
             lo, hi = min(p.difficulty for p in chosen), max(p.difficulty for p in chosen)
-            name = f"chat-{task}-{lo}-{hi}{'' if inside else '*'}"
+            name = f"chat-{task}-{lo}-{hi}{'' if inside else '-beyond'}"
             rows = [{"context": p.prompt, "choices": answers, "label": answers.index(p.answer)} for p in chosen]
             _write_jsonl(out / f"{name}.jsonl", rows)
             storage.write_text(out / f"{name}.json", json.dumps(
@@ -130,11 +140,10 @@ def main(argv):
     base_config = ml_collections.ConfigDict(run)
     workdir = storage.path(_WORKDIR.value)
     data = workdir / "data"
-    sets = write_chat_sets(base_config, data, _TRAIN.value)
+    sets = write_chat_sets(base_config, data, _TRAIN.value, _HELDOUT.value)
     tokenizer = str(storage.path(_BASE.value) / "tokenizer.model")
-    for split in ("train", "heldout"):
-        if not storage.exists(data / split / "metadata.json"):
-            prepare.prepare_chat(str(data / f"{split}.jsonl"), str(data / split), tokenizer=tokenizer)
+    for split in ("train", "heldout"):  # rewritten on every run: the same flags give the same shards
+        prepare.prepare_chat(str(data / f"{split}.jsonl"), str(data / split), tokenizer=tokenizer)
     config = sft_config(_BASE.value, data, _STEPS.value, _LR.value)
     num_steps = [int(r) for r in _R.value]
     before = score(runner.load_model(_BASE.value), config, num_steps, sets["tasks"])

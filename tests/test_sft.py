@@ -19,7 +19,16 @@ from rdlm.interop import convert
 from rdlm.model import RecurrentLM
 from test_train import REPO, _losses, _wait_for_step
 
-pytestmark = pytest.mark.slow
+def test_sft_config_takes_model_and_depth_from_the_checkpoint(huginn_tiny_dir):
+    from configs import sft
+
+    c = sft.get_config(str(huginn_tiny_dir / "checkpoint"))
+    assert c.init_from == str(huginn_tiny_dir / "checkpoint") and (c.model.n_embd, c.model.n_layers_in_coda) == (64, 2)
+    assert (c.recurrence.mean, c.recurrence.backprop, c.recurrence.fixed) == (8, 4, 0)  # the paper's depth sampling
+    assert (c.optim.schedule, c.optim.warmup_steps, c.data.source, c.data.seq_len) == ("warmup_constant", 20,
+                                                                                        "arrayrecord", 128)
+    named = sft.get_config("tiny")
+    assert named.init_from == "" and named.model.attention_window == 2 and named.optim.lr == 1e-5
 
 
 def _conversations(n):
@@ -59,6 +68,7 @@ def _flat(params) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
+@pytest.mark.slow
 def test_sft_freezes_resumes_after_sigkill_and_exports_bit_exact(base_and_chat, tmp_path):
     base, shards = base_and_chat
     straight = tmp_path / "straight"
