@@ -3,7 +3,8 @@
     python -m rdlm.sft_parity --base=runs/tiny --workdir=runs/tiny_sft [--num_steps=200]
 
 It writes the base run's built-in problems (rdlm.data.tasks) as chat conversations, a user turn holding the
-problem and an assistant turn holding the answer: training ones at the base run's training difficulties, and
+problem and an assistant turn holding the problem again, then the answer (`--assistant_restates`; only the
+answer with --noassistant_restates): training ones at the base run's training difficulties, and
 held-out ones the base run's own held-out problems (those of its final table; their prompts are dropped
 from the training set). It prepares both as chat shards with the base run's tokenizer (python -m rdlm.data.prepare
 --format=chat), fine-tunes the base with configs/sft.py (randomized depth, truncated backprop, assistant tokens
@@ -30,12 +31,17 @@ _LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate of the fine-tune.", fla
 _TRAIN = flags.DEFINE_integer("train_conversations", 20000, "Training conversations.", flag_values=FLAGS)
 _R = flags.DEFINE_list("eval_num_steps", ["1", "2", "4", "8", "16", "32"], "Test-time r to score.",
                        flag_values=FLAGS)
+_RESTATE = flags.DEFINE_bool(
+    "assistant_restates", True, "The assistant's turn repeats the problem before its answer ('0110=0'), so the answer "
+    "follows the bits as in pre-training; without it the template's header tokens sit between them, which a model "
+    "with a 2-token attention window (configs/tiny.py) cannot see across.", flag_values=FLAGS)
 _HELDOUT = flags.DEFINE_integer("heldout_problems", 256, "Held-out problems per task (an even spread of the base "
                                 "run's own; 0: all of them).", flag_values=FLAGS)
 
 
-def _conversation(problem) -> dict:
-    return {"messages": [{"role": "user", "content": problem.prompt}, {"role": "assistant", "content": problem.answer}]}
+def _conversation(problem, restate: bool) -> dict:
+    answer = problem.prompt + problem.answer if restate else problem.answer
+    return {"messages": [{"role": "user", "content": problem.prompt}, {"role": "assistant", "content": answer}]}
 
 
 def _write_jsonl(path, rows) -> None:
@@ -60,7 +66,8 @@ def _spread(problems: list, n: int) -> list:
     return [problems[i * len(problems) // n] for i in range(n)]
 
 
-def write_chat_sets(base_config, out, train_conversations: int, heldout_problems: int = 0) -> dict:
+def write_chat_sets(base_config, out, train_conversations: int, heldout_problems: int = 0,
+                    restate: bool = True) -> dict:
     """Writes train.jsonl, heldout.jsonl and a multiple-choice chat task per difficulty range into `out`.
 
     The held-out problems are the base run's own (those of its final table, which its training never saw).
@@ -77,8 +84,8 @@ def write_chat_sets(base_config, out, train_conversations: int, heldout_problems
         train += _drop_heldout(problems, heldout[task])
     heldout = {task: _spread(problems, heldout_problems) for task, problems in heldout.items()}
     out = storage.makedirs(out)
-    _write_jsonl(out / "train.jsonl", [_conversation(p) for p in train])
-    _write_jsonl(out / "heldout.jsonl", [_conversation(p) for ps in heldout.values() for p in ps])
+    _write_jsonl(out / "train.jsonl", [_conversation(p, restate) for p in train])
+    _write_jsonl(out / "heldout.jsonl", [_conversation(p, restate) for ps in heldout.values() for p in ps])
     task_specs = []
     for task, problems in heldout.items():
         answers = sorted({p.answer for p in problems})
@@ -88,7 +95,8 @@ def write_chat_sets(base_config, out, train_conversations: int, heldout_problems
                 continue
             lo, hi = min(p.difficulty for p in chosen), max(p.difficulty for p in chosen)
             name = f"chat-{task}-{lo}-{hi}{'' if inside else '-beyond'}"
-            rows = [{"context": p.prompt, "choices": answers, "label": answers.index(p.answer)} for p in chosen]
+            rows = [{"context": p.prompt, "choices": [p.prompt + a if restate else a for a in answers],
+                     "label": answers.index(p.answer)} for p in chosen]
             _write_jsonl(out / f"{name}.jsonl", rows)
             storage.write_text(out / f"{name}.json", json.dumps(
                 {"name": name, "type": "multiple_choice", "data": f"{name}.jsonl", "target_delimiter": "",
@@ -140,7 +148,7 @@ def main(argv):
     base_config = ml_collections.ConfigDict(run)
     workdir = storage.path(_WORKDIR.value)
     data = workdir / "data"
-    sets = write_chat_sets(base_config, data, _TRAIN.value, _HELDOUT.value)
+    sets = write_chat_sets(base_config, data, _TRAIN.value, _HELDOUT.value, _RESTATE.value)
     tokenizer = str(storage.path(_BASE.value) / "tokenizer.model")
     for split in ("train", "heldout"):  # rewritten on every run: the same flags give the same shards
         prepare.prepare_chat(str(data / f"{split}.jsonl"), str(data / split), tokenizer=tokenizer)

@@ -243,6 +243,7 @@ def test_tokenizers_without_chat_tokens_are_refused_in_one_sentence(tmp_path):
         assert f"{tmp_path / name} has no huginn chat tokens ({missing} missing)" in message, message
 
 
+@pytest.mark.slow
 def test_prepare_chat_command_line(tmp_path):
     """The command trains a SentencePiece model with the chat tokens when given none; bad input exits 2."""
     _write_conversations(tmp_path / "c.jsonl", CONVERSATIONS * 30)
