@@ -72,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.min_lr_ratio = 0.0  # wsd/cosine: final lr as a fraction of the peak.
     c.optim.update_clipping = True  # adam_atan2: divide each tensor's step by max(1, RMS(g^2/v)).
     c.optim.running_init = True  # adam_atan2: start the moments at m = g, v = g^2.
+    # Parameters kept frozen (bit-identical): comma-separated 'prelude', 'core', 'coda' (with ln_f),
+    # 'embedding', or regexes over '/'-joined names (e.g. 'attn/qk_bias$'); '' trains everything.
+    c.optim.freeze = ""
 
     # Input pipeline (rdlm/data/config.py documents every field).
     c.data = data_config.get_config()

@@ -14,6 +14,9 @@ from rdlm.interop import huginn
 from rdlm.model.config import ModelConfig
 
 KINDS = ("hf", "step", "workdir")
+# The ModelConfig fields that decide the parameter shapes.
+SHAPE_FIELDS = ("vocab_size", "n_embd", "n_heads", "intermediate_size", "n_layers_in_prelude",
+                "n_layers_in_recurrent_block", "n_layers_in_coda", "qk_bias")
 
 
 def kind_of(directory) -> str:
@@ -63,6 +66,18 @@ def model_config_of(directory) -> ModelConfig:
     if kind == "hf":
         return huginn.read_config(directory)
     return orbax_steps.read_model_config(_step_dir(directory, kind))
+
+
+def check_same_shape(directory, config: ModelConfig, field: str = "init_from") -> None:
+    """Raises, in one sentence naming the fields, unless the checkpoint's parameters have `config`'s shapes."""
+    saved = model_config_of(directory)
+    differ = [n for n in SHAPE_FIELDS if getattr(saved, n) != getattr(config, n)]
+    if differ:
+        pairs = ", ".join(f"model.{n}={getattr(saved, n)} (this config: {getattr(config, n)})" for n in differ)
+        raise ValueError(
+            f"{field}={directory} holds a model of another shape: {pairs}; set those fields to the checkpoint's "
+            "(configs/sft.py:CHECKPOINT takes them from it) or start from a checkpoint of this shape."
+        )
 
 
 def read_run_config(directory) -> dict | None:

@@ -38,7 +38,7 @@ from rdlm import state as state_lib
 from rdlm import steps, storage, train_log
 from rdlm import workdir as workdir_lib
 from rdlm import program as program_lib
-from rdlm.data import pipeline
+from rdlm.data import chat, pipeline
 from rdlm.data import tokenizer as tokenizer_lib
 from rdlm.eval import heldout, report, training_hook
 
@@ -119,6 +119,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
         data_iter.set_state(iter_state)
         logging.info("Resumed from %s at step %d.", ckpts.directory, start)
     elif config.init_from:
+        checkpoint_io.check_same_shape(config.init_from, model_config)
         _, params = checkpoint_io.load_params(config.init_from, shardings=shardings.params)
         if not bool(numerics.all_finite(params)):
             raise ValueError(f"init_from={config.init_from} holds non-finite parameters; start from another checkpoint.")
@@ -227,6 +228,9 @@ def _save_tokenizer(config, workdir: epath.Path) -> None:
     elif path.exists():
         logging.warning("Removing %s: it was left by an earlier start, and this run has no tokenizer.", path)
         path.unlink()
+    source = pipeline.tokenizer_file(config)
+    if source and source.endswith(".json"):  # huginn's tokenizer.json (chat shards): generation and export find it
+        chat.copy_tokenizer_json(source, workdir)
 
 
 def _with_run_tokenizer(config, workdir: epath.Path):

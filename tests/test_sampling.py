@@ -190,10 +190,19 @@ def test_tokenizer_is_found_for_workdirs_and_step_dirs(tiny, tmp_path):
     for directory in (workdir, workdir / orbax_steps.CHECKPOINTS_SUBDIR / "5"):
         assert text.tokenizer_path(directory) == workdir / "tokenizer.model"
         codec = text.load_codec(directory)
-        assert codec.prompt_ids("return x")[0] == codec.bos_id == 1 and codec.stop_ids == (2,)
+        assert codec.prompt_ids("return x")[0] == codec.bos_id == 1 and codec.stop_ids == (2, 6)  # </s>, <|end_turn|>
         assert codec.decode(codec.prompt_ids("return x")[1:]) == "return x"
-    with pytest.raises(ValueError, match="--chat needs"):
-        codec.prompt_ids("hi", chat=True)
+    chat = codec.prompt_ids("hi", chat=True)  # rdlm's SentencePiece models have huginn's chat tokens (ids 4-6)
+    assert chat[:2] == [1, 4] and chat.count(5) == 2 and chat.count(6) == 1 and codec.decode(chat) == "user\n\nhiHuginn\n\n"
+    import io
+
+    import sentencepiece as spm
+
+    plain = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=plain, vocab_size=60, minloglevel=2)
+    (workdir / "tokenizer.model").write_bytes(plain.getvalue())
+    with pytest.raises(ValueError, match="--chat needs a tokenizer with huginn's chat tokens: The tokenizer .* has no"):
+        text.load_codec(workdir).prompt_ids("hi", chat=True)
     loaded, _ = checkpoint_io.load_params(workdir)
     assert loaded == config
 

@@ -230,7 +230,7 @@ def _tokenizer_text(spec: BuiltinSpec, code: list[str], samples: dict[str, list]
 
 def cached_tokenizer(spec: BuiltinSpec, texts: list[str], cache_dir: str):
     """Trains the tokenizer on `texts`, or loads it from the cache (local or gs://) if this exact text was seen."""
-    key = hashlib.sha256(f"{spec.vocab_size}|{tokenizer_lib.INDENT_PIECES}".encode())
+    key = hashlib.sha256(f"{spec.vocab_size}|{tokenizer_lib.USER_PIECES}".encode())
     for text in texts:
         key.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
     path = storage.path(cache_dir) / f"builtin-{key.hexdigest()[:16]}.model"

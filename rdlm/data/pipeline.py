@@ -16,7 +16,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from rdlm.data import builtin, packing, sources
+from rdlm.data import builtin, chat, packing, sources
 from rdlm.data import config as config_lib
 from rdlm.data import tokenizer as tokenizer_lib
 
@@ -47,15 +47,23 @@ def _metadata(cfg) -> dict:
     return sources.read_metadata(sources.resolve_paths(cfg.paths)) or {}
 
 
-def load_tokenizer(config) -> tokenizer_lib.Tokenizer | None:
-    """Returns the corpus's tokenizer: data.tokenizer, the shards' metadata, or the built-in one."""
+def tokenizer_file(config) -> str | None:
+    """The path of the corpus's tokenizer file: data.tokenizer, else the shards' metadata (None for built-in)."""
     cfg = config_lib.data_section(config)
-    if cfg.tokenizer:
-        return tokenizer_lib.Tokenizer.from_file(cfg.tokenizer)
-    if cfg.source == "builtin":
+    return cfg.tokenizer or (None if cfg.source == "builtin" else _metadata(cfg).get("tokenizer")) or None
+
+
+def load_tokenizer(config) -> tokenizer_lib.Tokenizer | None:
+    """Returns the corpus's SentencePiece tokenizer: data.tokenizer, the shards' metadata, or the built-in one.
+
+    A tokenizer.json (huginn's, for chat shards) gives None: the data is token ids, its special ids are in the
+    metadata, and rdlm.train keeps the file itself (`tokenizer_file`).
+    """
+    cfg = config_lib.data_section(config)
+    if cfg.source == "builtin" and not cfg.tokenizer:
         return builtin_corpus(cfg).tokenizer
-    path = _metadata(cfg).get("tokenizer")
-    return tokenizer_lib.Tokenizer.from_file(path) if path else None
+    path = tokenizer_file(cfg)
+    return tokenizer_lib.Tokenizer.from_file(path) if path and not path.endswith(".json") else None
 
 
 def corpus_vocab_size(config) -> int | None:
@@ -112,7 +120,8 @@ def _file_source(cfg, paths, field: str, vocab_size: int | None):
     """Opens the configured kind of file source; ids outside [0, vocab_size) are refused when read."""
     files = sources.resolve_paths(paths, field)
     if cfg.source == "arrayrecord":
-        return sources.ArrayRecordSource(files, vocab_size, cfg.on_bad_record)
+        chat_shards = (sources.read_metadata(files) or {}).get("loss_mask")  # rdlm.data.prepare --format=chat
+        return (chat.ChatRecordSource if chat_shards else sources.ArrayRecordSource)(files, vocab_size, cfg.on_bad_record)
     return sources.ParquetSource(files, cfg.parquet_column, vocab_size, cfg.on_bad_record)
 
 

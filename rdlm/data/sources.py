@@ -138,7 +138,11 @@ class ShardWriter:
         self._writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
 
     def write(self, ids: Sequence[int] | np.ndarray) -> None:
-        self._writer.write(encode_record(ids))
+        self.write_record(encode_record(ids))
+
+    def write_record(self, record: bytes) -> None:
+        """Writes one already serialized record (e.g. rdlm.data.chat's ids + loss mask)."""
+        self._writer.write(record)
 
     def close(self) -> None:
         self._writer.close()
@@ -189,18 +193,24 @@ class ArrayRecordSource:
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
         return f"{self._paths[shard]} record {index - int(self._starts[shard])}"
 
-    def __getitem__(self, index: int) -> np.ndarray | BadRecord:
+    @staticmethod
+    def _decode(record: bytes):
+        """One record's document; a subclass may return a dict whose "ids" are checked."""
+        return decode_record(record)
+
+    def __getitem__(self, index: int):
         index = int(index)
         try:
-            ids = decode_record(self._records[index])
+            doc = self._decode(self._records[index])
         except Exception as e:  # noqa: BLE001 (a damaged chunk fails its hash check with a RuntimeError)
             return self._bad(BadRecord(self._where(index), f"cannot be read ({_first_line(e)})"))
+        ids = doc["ids"] if isinstance(doc, dict) else doc
         bad = first_bad_id(ids, self._vocab_size)
         if bad is not None:
             if self._on_bad != "skip":
                 raise _id_error(self._where(index), int(ids[bad]), self._vocab_size)
             return BadRecord(self._where(index), _id_reason(int(ids[bad]), self._vocab_size))
-        return ids
+        return doc
 
     def _bad(self, record: BadRecord) -> BadRecord:
         if self._on_bad == "skip":

@@ -9,14 +9,17 @@ from collections.abc import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from rdlm import storage
+from rdlm.data import chat_template
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Indentation runs, written with U+2581 (SentencePiece's space) so they become single pieces.
 INDENT_PIECES = tuple("\u2581" * n for n in (2, 4, 8, 12, 16))
+# Pieces every tokenizer rdlm trains gets as whole tokens: huginn's chat tokens (ids 4-6), then indentation.
+USER_PIECES = chat_template.SENTENCEPIECE_CHAT_PIECES + INDENT_PIECES
 # SentencePiece drops training sentences longer than this many bytes; longer texts are cut by line.
 _MAX_SENTENCE_BYTES = 4192
-# 4 special pieces, 256 byte-fallback pieces, the indentation pieces and a few learned ones.
-MIN_VOCAB_SIZE = 4 + 256 + len(INDENT_PIECES) + 16
+# 4 special pieces, 256 byte-fallback pieces, the user pieces and a few learned ones.
+MIN_VOCAB_SIZE = 4 + 256 + len(USER_PIECES) + 16
 
 
 class Tokenizer:
@@ -115,7 +118,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_mb: float = 0.
 
     Text round-trips exactly: identity normalization, no extra-whitespace removal, no dummy prefix
     (so `encode(a) + encode(b)` decodes to `a + b`), digits split, unknown characters as bytes.
-    Ids: pad 0, BOS 1, EOS 2, unk 3. Training stops reading `texts` after `max_mb` MB (0: all).
+    Ids: pad 0, BOS 1, EOS 2, unk 3, then huginn's chat tokens <|begin_header|>, <|end_header|>, <|end_turn|>
+    (so chat data renders with huginn's template, rdlm.data.chat). Training stops reading `texts` after
+    `max_mb` MB (0: all).
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
@@ -139,7 +144,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_mb: float = 0.
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
-            user_defined_symbols=list(INDENT_PIECES),
+            user_defined_symbols=list(USER_PIECES),
             pad_id=PAD_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,

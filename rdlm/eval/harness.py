@@ -23,7 +23,6 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from rdlm.eval import runner
 from rdlm.sampling import parse_exit
-from rdlm.sampling.text import HUGINN_SPECIALS, ASSISTANT_ROLE, chat_prompt
 
 ENTRY_POINT_GROUP = "lm_eval.models"
 
@@ -136,11 +135,7 @@ class RdlmLM(TemplateLM):
         return "huginn-0125" if self.codec.chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """huginn-0125's template (spec section 3.8), through rdlm.sampling.text.chat_prompt."""
+        """huginn-0125's template (spec section 3.8), the rendering chat training data goes through (rdlm.data.chat)."""
         if not self.codec.chat_template:
-            raise ValueError("--apply_chat_template needs a tokenizer with huginn's chat tokens (<|begin_header|> ...); "
-                             "this checkpoint's tokenizer has none.")
-        text = chat_prompt(chat_history)
-        if not add_generation_prompt:
-            text = text[: -len(f"{HUGINN_SPECIALS['begin_header']}{ASSISTANT_ROLE}{HUGINN_SPECIALS['end_header']}\n\n")]
-        return text
+            raise ValueError(f"--apply_chat_template needs a tokenizer with huginn's chat tokens: {self.codec.chat_error}")
+        return self.codec.chat_text(chat_history, add_generation_prompt)

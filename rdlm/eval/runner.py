@@ -121,9 +121,10 @@ def split_tasks(names) -> tuple[list[str], list[tasks_lib.Task]]:
 def score_tasks(engine: Engine, task_list, num_steps: int, exit=None) -> dict[str, dict[str, float]]:
     """{task: {metric: score, "mean_iterations": iterations per scored or generated token}} at one r."""
     out = {}
+    chat_text = engine.codec.chat_text if engine.codec.chat_template else None
     for task in task_list:
         if task.kind == tasks_lib.MULTIPLE_CHOICE:
-            scored = engine.loglikelihood(task.choice_requests(), num_steps, exit)
+            scored = engine.loglikelihood(task.choice_requests(chat_text), num_steps, exit)
             per_doc, start = [], 0
             for doc in task.docs:
                 lls = scored.loglikelihood[start:start + len(doc.choices)]
@@ -131,7 +132,7 @@ def score_tasks(engine: Engine, task_list, num_steps: int, exit=None) -> dict[st
                 start += len(doc.choices)
             steps = scored.steps
         else:
-            gen = engine.generate([task.generation_context(d) for d in task.docs], until=task.until,
+            gen = engine.generate([task.generation_context(d, chat_text) for d in task.docs], until=task.until,
                                   max_gen_toks=task.max_gen_toks, num_steps=num_steps, exit=exit)
             pattern = scoring.STRICT_PATTERNS[task.strict]
             per_doc = [scoring.generation_scores(text, d.answer, pattern) for text, d in zip(gen.text, task.docs)]

@@ -14,7 +14,10 @@ stop at "Question:", 256 new tokens, `#### N` as the strict answer). A spec over
      "fewshot": [{"question": "...", "answer": "..."}], "until": ["Q:"], "max_gen_toks": 256, "strict": "gsm8k_cot"}
 
 Contexts are rendered as lm-eval renders them without a chat template: each few-shot exemplar as
-prompt + target_delimiter + answer + fewshot_delimiter, then the document's prompt.
+prompt + target_delimiter + answer + fewshot_delimiter, then the document's prompt. A spec with
+`"chat": true` sends that context as the user's message through huginn's chat template (the rendering chat
+training data goes through, rdlm.data.chat), ending in the assistant's header, as lm-eval's
+`--apply_chat_template` does for a zero-shot task.
 """
 
 import dataclasses
@@ -58,6 +61,7 @@ class Task:
     until: tuple[str, ...] = _GSM8K_UNTIL
     max_gen_toks: int = 256
     strict: str = "gsm8k"  # a key of scoring.STRICT_PATTERNS
+    chat: bool = False  # render each context as a user turn of huginn's chat template
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -66,15 +70,23 @@ class Task:
     def render(self, question: str) -> str:
         return self.prompt.replace("{{question}}", question)
 
-    def generation_context(self, doc: GenerationDoc) -> str:
+    def generation_context(self, doc: GenerationDoc, chat_text=None) -> str:
         shots = "".join(
             self.render(ex.question) + self.target_delimiter + ex.answer + self.fewshot_delimiter for ex in self.fewshot
         )
-        return shots + self.render(doc.question)
+        return self._as_chat(shots + self.render(doc.question), chat_text)
 
-    def choice_requests(self) -> list[tuple[str, str]]:
-        """(context, continuation) for every choice of every document, in order."""
-        return [(d.context, self.target_delimiter + c) for d in self.docs for c in d.choices]
+    def choice_requests(self, chat_text=None) -> list[tuple[str, str]]:
+        """(context, continuation) for every choice of every document, in order; `chat_text` (a codec's) renders
+        chat contexts."""
+        return [(self._as_chat(d.context, chat_text), self.target_delimiter + c) for d in self.docs for c in d.choices]
+
+    def _as_chat(self, context: str, chat_text) -> str:
+        if not self.chat:
+            return context
+        if chat_text is None:
+            raise ValueError(f"Task {self.name} is a chat task; score it with a tokenizer that has huginn's chat tokens.")
+        return chat_text([{"role": "user", "content": context}])
 
 
 def _fail(path, line: int | None, message: str):
@@ -138,7 +150,7 @@ def read_docs(path, kind: str | None = None) -> tuple[str, tuple]:
 
 
 _SPEC_FIELDS = {"name", "type", "data", "target_delimiter", "prompt", "fewshot", "fewshot_delimiter", "until",
-                "max_gen_toks", "strict"}
+                "max_gen_toks", "strict", "chat"}
 
 
 def load_spec(path) -> Task:
@@ -168,6 +180,8 @@ def load_spec(path) -> Task:
         if not isinstance(shots, list):
             raise ValueError(f"Task spec {path}: 'fewshot' must be a list of {{question, answer}} records.")
         fields["fewshot"] = tuple(_generation_doc(path, None, s) for s in shots)
+    if not isinstance(fields.get("chat", False), bool):
+        raise ValueError(f"Task spec {path}: 'chat' must be true or false, not {fields['chat']!r}.")
     if fields.get("strict", "gsm8k") not in scoring.STRICT_PATTERNS:
         raise ValueError(f"Task spec {path}: 'strict' must be one of {sorted(scoring.STRICT_PATTERNS)}.")
     return Task(name=spec.get("name", path.stem), kind=kind, data_path=str(data), docs=docs, **fields)

@@ -5,14 +5,7 @@ import jax
 from rdlm.data import pipeline
 from rdlm.eval import runner
 from rdlm.eval.engine import Engine
-from rdlm.sampling.text import TextCodec
-
-
-def codec_of(tokenizer) -> TextCodec:
-    """The prompting codec of an in-memory SentencePiece tokenizer (the run's)."""
-    bos = tokenizer.bos_id if tokenizer.bos_id >= 0 else None
-    stops = (tokenizer.eos_id,) if tokenizer.eos_id >= 0 else ()
-    return TextCodec(tokenizer.encode, tokenizer.decode, bos, stops, max(tokenizer.pad_id, 0), chat_template=False)
+from rdlm.sampling.text import sentencepiece_codec as codec_of
 
 
 class TaskHook:
