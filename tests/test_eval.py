@@ -177,6 +177,18 @@ def test_cached_scoring_equals_the_forward_pass(hf_with_tokenizer):
     assert programs[0] == programs[1]  # one cached program for both r
 
 
+def test_scoring_through_an_exit_that_never_fires_equals_the_forward_pass(hf_with_tokenizer):
+    """The adaptive-exit path (every token one at a time through the exit) with a KL threshold no step can
+    reach runs the full r and scores what one forward pass scores."""
+    from rdlm.eval import runner
+    from rdlm.sampling.exits import ExitCriterion
+
+    engine = runner.load_model(str(hf_with_tokenizer)).engine(batch_size=4, init_scale=0.0, max_steps=3)
+    scored = engine.loglikelihood(PAIRS[:2], 3, exit=ExitCriterion("kl", 0.0))
+    np.testing.assert_allclose(scored.loglikelihood, engine.loglikelihood(PAIRS[:2], 3).loglikelihood, rtol=1e-5)
+    assert all(set(steps) == {3} for steps in scored.steps)
+
+
 # --- EMA ---------------------------------------------------------------------------------------------
 
 def _save_step(root, step, params):

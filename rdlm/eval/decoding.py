@@ -24,7 +24,7 @@ from rdlm.model.config import ModelConfig
 from rdlm.model.layers import unstack_layers
 from rdlm.sampling.block import run_block
 from rdlm.sampling.cache import KVCache
-from rdlm.sampling.exits import DEFAULT_THRESHOLDS, ExitCriterion
+from rdlm.sampling.exits import DEFAULT_CHECK_EVERY, DEFAULT_THRESHOLDS, ExitCriterion
 from rdlm.sampling.options import Knobs
 
 
@@ -59,10 +59,12 @@ def static_exit(exit: ExitCriterion | None) -> ExitCriterion | None:
 
 
 def knobs_for(exit: ExitCriterion | None, stop_ids) -> Knobs:
+    """The exit is checked as rdlm.generate checks it by default (exits.DEFAULT_CHECK_EVERY)."""
     stops = tuple(stop_ids) or (-1,)
     return Knobs(
         exit_threshold=jnp.asarray(0.0 if exit is None else float(exit.threshold), jnp.float32),
         min_steps=jnp.asarray(1, jnp.int32),
+        check_every=jnp.asarray(1 if exit is None else DEFAULT_CHECK_EVERY[exit.name], jnp.int32),
         stop_tokens=jnp.asarray(stops, jnp.int32),
         pad_id=jnp.asarray(0, jnp.int32),
     )
