@@ -89,11 +89,10 @@ def test_state_gets_no_gradient_through_no_grad_steps(params):
 def test_traced_k_matches_static_k(params):
     ids = jax.random.randint(jax.random.key(6), (1, 8), 0, CONFIG.vocab_size)
     s0 = jax.random.normal(jax.random.key(7), (1, 8, CONFIG.n_embd))
-    for k in (1, 3):
-        static = jax.jit(jax.value_and_grad(_loss), static_argnums=2)(params, ids, (2, k), s0)
-        traced = jax.jit(jax.value_and_grad(_loss))(params, ids, (jnp.int32(2), jnp.int32(k)), s0)
-        # The two programs differ only in XLA's fusion order: about 1e-5 of a leaf's scale.
-        assert_trees_close(static, traced, rel=5e-5)
+    static = jax.jit(jax.value_and_grad(_loss), static_argnums=2)(params, ids, (2, 3), s0)
+    traced = jax.jit(jax.value_and_grad(_loss))(params, ids, (jnp.int32(2), jnp.int32(3)), s0)
+    # The two programs differ only in XLA's fusion order: about 1e-5 of a leaf's scale.
+    assert_trees_close(static, traced, rel=5e-5)
 
 
 def test_unstacked_layers_give_the_stacked_outputs(params):

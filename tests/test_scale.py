@@ -18,7 +18,8 @@ from rdlm.program import model_config_from
 from rdlm.train import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
+# (2, 2, 2) splits data, parameters and heads at once; the pure data and pure fsdp meshes run under slow.
+MESHES = [pytest.param((8, 1, 1), marks=pytest.mark.slow), pytest.param((1, 8, 1), marks=pytest.mark.slow), (2, 2, 2)]
 
 
 def _tiny(cache_dir, **overrides):
