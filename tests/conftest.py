@@ -33,6 +33,19 @@ def huginn_tiny_dir():
 
 
 @pytest.fixture(scope="session")
+def hf_with_tokenizer(tmp_path_factory, huginn_tiny_dir):
+    """A copy of the HF fixture with a byte-level BPE tokenizer that has huginn's chat tokens (read-only use)."""
+    import shutil
+
+    import huginn_tokenizer
+
+    directory = tmp_path_factory.mktemp("hf") / "checkpoint"
+    shutil.copytree(huginn_tiny_dir / "checkpoint", directory)
+    huginn_tokenizer.write_bpe(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory):
     """The fake-gcs-server process, started once when a test first asks for it."""
     server = gcs_emulator.Server(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")

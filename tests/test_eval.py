@@ -4,7 +4,6 @@ model itself, and the checkpoint EMA against a hand-computed average."""
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -14,7 +13,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import huginn_tokenizer
 from rdlm import checkpoint_io, ema, orbax_steps
 from rdlm.eval import scoring, tasks
 
@@ -123,14 +121,6 @@ def test_evaluate_cli_bad_input_is_one_sentence(tmp_path):
 
 
 # --- the engine against the model --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def hf_with_tokenizer(tmp_path_factory, huginn_tiny_dir):
-    directory = tmp_path_factory.mktemp("hf") / "checkpoint"
-    shutil.copytree(huginn_tiny_dir / "checkpoint", directory)
-    huginn_tokenizer.write_bpe(directory)
-    return directory
-
 
 def _direct_loglikelihoods(model, engine, pairs, r):
     """Each continuation's summed token log-probabilities from one plain forward pass of the model."""

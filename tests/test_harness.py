@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import huginn_tokenizer
 from rdlm.eval import runner, tasks
 
 pytestmark = pytest.mark.slow  # lm-eval, a trained run and several compiles: minutes on 2 cores
@@ -96,21 +95,13 @@ def test_simple_evaluate_gives_rdlm_evaluates_numbers(eval_run, rdlm_scores, yam
     assert _lm_eval_scores(out["results"]) == rdlm_scores
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory, huginn_tiny_dir):
-    directory = tmp_path_factory.mktemp("hf") / "checkpoint"
-    shutil.copytree(huginn_tiny_dir / "checkpoint", directory)
-    huginn_tokenizer.write_bpe(directory)
-    return directory
-
-
-def test_loglikelihood_is_the_summed_token_log_probs_and_chat_template(hf_dir, offline):
+def test_loglikelihood_is_the_summed_token_log_probs_and_chat_template(hf_with_tokenizer, offline):
     from lm_eval.api.instance import Instance
 
     from rdlm.eval.harness import RdlmLM
     from rdlm.model import RecurrentLM
 
-    lm = RdlmLM(checkpoint=str(hf_dir), num_steps=3, init_scale=0.0, batch_size=4)
+    lm = RdlmLM(checkpoint=str(hf_with_tokenizer), num_steps=3, init_scale=0.0, batch_size=4)
     pairs = [("def fibonacci(n):", " return n"), ("The answer is ", "42.")]  # the trailing space moves over
     got = lm.loglikelihood([Instance("loglikelihood", {}, p, 0) for p in pairs])
     params = jax.device_get(lm.model.params)
@@ -132,7 +123,7 @@ def test_loglikelihood_is_the_summed_token_log_probs_and_chat_template(hf_dir, o
     assert set(lm.codec.stop_ids) >= {lm.codec.encode_fn("<|end_turn|>")[0], lm.codec.encode_fn("<|end_text|>")[0]}
 
 
-def test_apply_chat_template_through_simple_evaluate(hf_dir, offline, tmp_path):
+def test_apply_chat_template_through_simple_evaluate(hf_with_tokenizer, offline, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -144,7 +135,7 @@ def test_apply_chat_template_through_simple_evaluate(hf_dir, offline, tmp_path):
                             [("What is 2 + 2?", "#### 4"), ("What is 17 * 23?", "#### 391")]))
     task = tasks.load(str(data))
     (tmp_path / "qa.yaml").write_text(tasks.lm_eval_yaml(task).replace("max_gen_toks: 256", "max_gen_toks: 8"))
-    lm = RdlmLM(checkpoint=str(hf_dir), num_steps=2, batch_size=2)
+    lm = RdlmLM(checkpoint=str(hf_with_tokenizer), num_steps=2, batch_size=2)
     out = lm_eval.simple_evaluate(model=lm, tasks=["qa"], apply_chat_template=True, log_samples=True,
                                   task_manager=TaskManager(include_path=str(tmp_path)))
     samples = out["samples"]["qa"]
