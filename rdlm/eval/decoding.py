@@ -24,8 +24,8 @@ from rdlm.model.config import ModelConfig
 from rdlm.model.layers import unstack_layers
 from rdlm.sampling.block import run_block
 from rdlm.sampling.cache import KVCache
-from rdlm.sampling.exits import DEFAULT_CHECK_EVERY, DEFAULT_THRESHOLDS, ExitCriterion
-from rdlm.sampling.options import Knobs
+from rdlm.sampling.exits import DEFAULT_THRESHOLDS, ExitCriterion
+from rdlm.sampling.options import Knobs, SamplerOptions
 
 
 def position_noise(config: ModelConfig, key, seeds_B, positions_BS, init_scale: float):
@@ -59,15 +59,8 @@ def static_exit(exit: ExitCriterion | None) -> ExitCriterion | None:
 
 
 def knobs_for(exit: ExitCriterion | None, stop_ids) -> Knobs:
-    """The exit is checked as rdlm.generate checks it by default (exits.DEFAULT_CHECK_EVERY)."""
-    stops = tuple(stop_ids) or (-1,)
-    return Knobs(
-        exit_threshold=jnp.asarray(0.0 if exit is None else float(exit.threshold), jnp.float32),
-        min_steps=jnp.asarray(1, jnp.int32),
-        check_every=jnp.asarray(1 if exit is None else DEFAULT_CHECK_EVERY[exit.name], jnp.int32),
-        stop_tokens=jnp.asarray(stops, jnp.int32),
-        pad_id=jnp.asarray(0, jnp.int32),
-    )
+    """The sampler's knobs for this exit and these stop ids: the exit is checked as rdlm.generate checks it."""
+    return SamplerOptions(exit=exit, stop_tokens=tuple(int(t) for t in stop_ids)).knobs()
 
 
 @functools.partial(jax.jit, static_argnames=("config", "depth", "exit", "init_scale"))
