@@ -16,6 +16,7 @@ def get_config():
 
     c.train.num_steps = 47_360  # the released checkpoint's step: ~795B tokens
     c.train.batch_size = 4096  # sequences per step: 4096 x 4096 = 16.8M tokens
+    c.train.per_device_batch = 1  # one 4096-token sequence per device per micro-batch: 32 chips accumulate 128
     c.train.seed = 0
 
     c.optim.name = "adam_atan2"

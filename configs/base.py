@@ -43,8 +43,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.num_steps = 1000  # Optimizer steps.
     c.train.seed = 0  # Seeds init, the recurrence draws, the initial states and the data order.
     c.train.batch_size = 32  # Global sequences per optimizer step (over all processes and micro-batches).
-    c.train.grad_accum_steps = 1  # Micro-batches per optimizer step (same r for all of them).
+    # Sequences per data-parallel device per micro-batch (MaxText's per_device_batch_size); 0 = not set.
+    # When set, train.grad_accum_steps = batch_size / (per_device_batch x the mesh's data-parallel ways).
+    c.train.per_device_batch = 0
+    c.train.grad_accum_steps = 0  # Micro-batches per optimizer step (same r for all); 0 = derive (1 if unset).
     c.train.time_budget_minutes = 0.0  # > 0: stop training after this long (checkpoint, then evaluate).
+    # > 0: the job's wall-clock limit in hours (e.g. the scheduler's), counted from the start of the run. The
+    # run saves a checkpoint and exits 0 train.exit_minutes_before_limit before it; rerun to resume.
+    c.train.max_hours = 0.0
+    c.train.exit_minutes_before_limit = 5.0  # Margin kept for the final save (the reference's 5 minutes).
+    # A step whose loss or gradient norm is not finite applies no update; then 'skip' counts it and goes
+    # on, 'stop' ends the run. Either way no checkpoint ever holds a non-finite value.
+    c.train.on_nonfinite = "skip"
+    c.train.max_consecutive_nonfinite = 20  # 'skip' still stops after this many non-finite steps in a row.
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam_atan2"  # 'adam_atan2' (the paper's ELLISAdam) or 'adamw'.
@@ -61,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.min_lr_ratio = 0.0  # wsd/cosine: final lr as a fraction of the peak.
     c.optim.update_clipping = True  # adam_atan2: divide each tensor's step by max(1, RMS(g^2/v)).
     c.optim.running_init = True  # adam_atan2: start the moments at m = g, v = g^2.
+    # Parameters kept frozen (bit-identical): comma-separated 'prelude', 'core', 'coda' (with ln_f),
+    # 'embedding', or regexes over '/'-joined names (e.g. 'attn/qk_bias$'); '' trains everything.
+    c.optim.freeze = ""
 
     # Input pipeline (rdlm/data/config.py documents every field).
     c.data = data_config.get_config()
@@ -75,16 +89,21 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # Save every this many steps (and on SIGTERM, and at the end).
-    c.checkpoint.keep = 3  # Newest checkpoints kept.
+    c.checkpoint.keep = 3  # Newest verified checkpoints kept (older ones go only once a newer one is verified).
     c.checkpoint.async_save = True  # Write in the background while training goes on.
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10  # Train metrics to metrics.jsonl / TensorBoard / console.
     c.log.peak_tflops = 0.0  # Per-device peak for MFU; 0 measures a float32 matmul at start.
+    c.log.loss_spike_factor = 3.0  # A loss above this times the running mean is logged as an event; 0 = off.
+    c.log.loss_spike_window = 100  # Steps in the running mean of the loss.
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 500  # Validation loss during training; 0 turns it off.
     c.eval.num_steps = (1, 4, 8, 16, 32, 64)  # Test-time r for validation loss during training.
+    # Tasks scored at every eval.num_steps each eval.every_steps (shipped names, .json specs or .jsonl
+    # files, comma-separated, as `rdlm.evaluate --tasks`); their scores go to TensorBoard. '' = none.
+    c.eval.tasks = ""
     c.eval.final_num_steps = (1, 2, 4, 8, 16, 32, 64)  # r of the final recurrence-scaling table.
     c.eval.batch_size = 32  # Global sequences per validation batch.
     c.eval.reasoning = True  # Final table: held-out reasoning accuracy per r (built-in data only).

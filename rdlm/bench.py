@@ -2,15 +2,18 @@
 
     python -m rdlm.bench train --config=configs/bench_cpu.py [--config.x=y] [--num_steps=N,K] [--steps=S]
         [--trace_dir=DIR]
-    python -m rdlm.bench generate --config=configs/bench_cpu.py [--exit=kl:5e-4]
+    python -m rdlm.bench generate [--checkpoint=runs/tiny] [--num_steps=32] [--exit=kl:5e-4] [--check_every=C]
+        [--sampler=sequential|speculative|parallel] [--dtype=float32|bfloat16] [--batch=B] [--compare]
     python -m rdlm.bench sweep --config=configs/bench_cpu.py [--sweep_n=0,24,120] [--out=sweep.png]
 
 `train` prints one JSON line: compile time, median step time, tokens/s, model FLOPs per token
 (rdlm.metrics.model_flops_per_token), achieved TFLOP/s, the peak of a large float32 matmul measured
 in the same process, MFU and the compiled step's memory. The step is the training update at a fixed
 depth: n iterations without gradient (a traced int, so one program serves every n) and k with
-gradient (static). `generate` times calls of rdlm.sampling.generate (batch 1, greedy) after a warm-up
-call and reports the median. `sweep` compiles and times the step at each n (k fixed) and prints a table and JSON."""
+gradient (static). `generate` (rdlm.bench_generate) times greedy generation of a trained or random model
+and prints one JSON line: new tokens/s, iterations per token, agreement with fixed-depth float32 decoding
+and, with --compare, the speed-up over it measured alternately. `sweep` compiles and times the step at
+each n (k fixed) and prints a table and JSON."""
 
 # ruff: noqa: E402 (the huge-pages restart runs before the heavy imports, so that they load once)
 from rdlm import cli
@@ -22,19 +25,18 @@ import contextlib
 import json
 import math
 import statistics
-import sys
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import flags
 from ml_collections import config_flags
 
-from rdlm import metrics, optim, perf, sharding, state as state_lib, steps
-from rdlm.model import ModelConfig, RecurrentLM
+from rdlm import metrics, optim, perf, sharding, state as state_lib, steps, storage
+from rdlm.model import RecurrentLM
+from rdlm.program import model_config_from
 
 SUBCOMMANDS = ("train", "generate", "sweep")
 TRAIN_KEYS = (
@@ -65,13 +67,6 @@ def parse_num_steps(text: str) -> tuple[int, int]:
             f"--num_steps={text!r} must be two non-negative integers N,K (iterations without and with gradient), e.g. 24,8."
         )
     return n, k
-
-
-def model_config_of(config) -> ModelConfig:
-    """`config.model` with the recurrence of `config.recurrence` (as the training entry point builds it)."""
-    return ModelConfig(
-        **config.model.to_dict(), mean_recurrence=config.recurrence.mean, mean_backprop_depth=config.recurrence.backprop
-    )
 
 
 def synthetic_batch(config, rng) -> dict:
@@ -108,7 +103,7 @@ class TrainBench:
 
     def __init__(self, config, k: int):
         self.config, self.k = config, k
-        self.model_config = model_config_of(config)
+        self.model_config = model_config_from(config)
         self.model = RecurrentLM(self.model_config)
         self.tx = optim.make_optimizer(config, accumulate=False)
         self.mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
@@ -196,50 +191,6 @@ def bench_train(
     }
 
 
-def bench_generate(config, exit_spec: str = "") -> dict:
-    """Batch 1: a random prompt, greedy tokens at r = bench.gen_num_steps; after a warm-up call, the
-    median of bench.gen_repeats calls is reported."""
-    from rdlm import sampling
-
-    model_config = model_config_of(config)
-    b = config.bench
-    rng = jax.random.key(b.seed)
-    ids = jnp.zeros((1, b.prompt_len), jnp.int32)
-    params = jax.jit(lambda r: RecurrentLM(model_config).init({"params": r}, ids, num_steps=1, init_scale=0.0))(rng)
-    params = state_lib.strip_boxes(params["params"])
-    prompt = np.asarray(jax.random.randint(jax.random.fold_in(rng, 1), (1, b.prompt_len), 0, model_config.vocab_size))
-    criterion = sampling.parse_exit(exit_spec) if exit_spec else None
-    kwargs = dict(
-        max_new_tokens=b.new_tokens,
-        num_steps=b.gen_num_steps,
-        temperature=0.0,
-        rng=jax.random.fold_in(rng, 2),
-        exit_criterion=None if criterion is None else criterion.name,
-        exit_threshold=None if criterion is None else criterion.threshold,
-    )
-    if b.gen_repeats < 1:
-        raise ValueError(f"config.bench.gen_repeats={b.gen_repeats} must be >= 1.")
-    times = []
-    for _ in range(1 + b.gen_repeats):
-        start = time.perf_counter()
-        out = sampling.generate(model_config, params, prompt, **kwargs)
-        jax.block_until_ready(out.tokens)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times[1:])
-    steps_per_token = np.asarray(out.steps_per_token)[0]
-    result = {
-        "prompt_len": b.prompt_len,
-        "new_tokens": b.new_tokens,
-        "num_steps": b.gen_num_steps,
-        "compile_s": _sig(max(times[0] - seconds, 1e-6)),
-        "seconds": _sig(seconds),
-        "new_tokens_per_s": _sig(b.new_tokens / seconds),
-    }
-    if criterion is not None:
-        result.update(exit=f"{criterion.name}:{criterion.threshold}", mean_steps_per_token=_sig(steps_per_token.mean()))
-    return result
-
-
 def bench_sweep(config, k: int, ns, steps_: int, train: TrainBench | None = None) -> list[dict]:
     """Compile time, memory and step time at each n (k fixed); every n is compiled afresh to time it."""
     train = TrainBench(config, k) if train is None else train
@@ -288,7 +239,8 @@ def plot_sweep(rows, path: str) -> None:
         ax.set_ylim(bottom=0)
     fig.suptitle(f"train step against depth (k = {rows[0]['k']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with storage.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -297,11 +249,29 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/bench_cpu.py", "Bench config, e.g. configs/bench_cpu.py.", lock_config=True, flag_values=FLAGS
 )
 _NUM_STEPS = flags.DEFINE_string(
-    "num_steps", "", "train/sweep: 'N,K' (default: the config's bench.num_steps).", flag_values=FLAGS
+    "num_steps", "",
+    "train/sweep: 'N,K' (default: the config's bench.num_steps); generate: r (default: bench.gen_num_steps).",
+    flag_values=FLAGS,
 )
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed steps (default: the config's bench.steps).", flag_values=FLAGS)
 _EXIT = flags.DEFINE_string(
     "exit", "", "generate: adaptive exit 'criterion[:threshold]', e.g. kl:5e-4.", flag_values=FLAGS
+)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "", "generate: a trained model (workdir, Orbax step or HF directory); '' = random init.",
+    flag_values=FLAGS,
+)
+_CHECK_EVERY = flags.DEFINE_integer(
+    "check_every", 0, "generate: check the exit criterion every C iterations; 0 = its default.", flag_values=FLAGS
+)
+_SAMPLER = flags.DEFINE_string("sampler", "sequential", "generate: sequential, speculative or parallel.",
+                               flag_values=FLAGS)
+_DTYPE = flags.DEFINE_string("dtype", "float32", "generate: float32 or bfloat16 weights and compute.",
+                             flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch", 1, "generate: prompts per call.", flag_values=FLAGS)
+_COMPARE = flags.DEFINE_boolean(
+    "compare", False, "generate: time the fixed-depth float32 batch-1 baseline alternately, report the speed-up.",
+    flag_values=FLAGS,
 )
 _OUT = flags.DEFINE_string("out", "", "sweep: write the plot to this PNG.", flag_values=FLAGS)
 _SWEEP_N = flags.DEFINE_string(
@@ -312,18 +282,44 @@ _TRACE_DIR = flags.DEFINE_string(
 )
 
 
+def parse_gen_steps(text: str) -> int:
+    """generate's --num_steps: one int >= 1 ('' = the config's)."""
+    if not text:
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--num_steps={text!r} must be one integer >= 1 for generate (core iterations per token).")
+    return value
+
+
+def run_generate(config) -> dict:
+    """`generate` with the flags' variant (rdlm.bench_generate)."""
+    from rdlm import bench_generate
+
+    variant = bench_generate.Variant(sampler=_SAMPLER.value, exit=_EXIT.value, check_every=_CHECK_EVERY.value,
+                                     dtype=_DTYPE.value, batch=_BATCH.value)
+    model_config = None if _CHECKPOINT.value else model_config_from(config)
+    return bench_generate.bench_generate(config, variant, checkpoint=_CHECKPOINT.value,
+                                         num_steps=parse_gen_steps(_NUM_STEPS.value), compare=_COMPARE.value,
+                                         model_config=model_config)
+
+
 def run(command: str, config) -> None:
     """Runs one subcommand and prints its result."""
     if command not in SUBCOMMANDS:
         raise ValueError(f"Unknown subcommand {command!r}; use one of {', '.join(SUBCOMMANDS)}.")
+    if command == "generate":
+        print(json.dumps(run_generate(config)), flush=True)
+        return
     num_steps = parse_num_steps(_NUM_STEPS.value) if _NUM_STEPS.value else tuple(config.bench.num_steps)
     steps_ = _STEPS.value or (config.bench.sweep_steps if command == "sweep" else config.bench.steps)
     if steps_ < 1:
         raise ValueError(f"--steps={steps_} must be >= 1.")
     if command == "train":
         print(json.dumps(bench_train(config, num_steps, steps_, trace_dir=_TRACE_DIR.value)), flush=True)
-    elif command == "generate":
-        print(json.dumps(bench_generate(config, _EXIT.value)), flush=True)
     else:
         ns = [int(x) for x in _SWEEP_N.value.split(",")] if _SWEEP_N.value else list(config.bench.sweep_n)
         rows = bench_sweep(config, num_steps[1], ns, steps_)

@@ -1,171 +1,89 @@
-"""Model parameters on disk: Orbax step directories, training workdirs and Hugging Face directories.
+"""Any checkpoint directory, whatever its kind: what it is, its model config, its params, the files beside it.
 
-A step directory holds Orbax items side by side: `params`, `model_config` (JSON) and, for training
-checkpoints, `opt_state`, `data_iter` (one JSON file per process) and `config`. Anything that only needs the model
-(`--config.init_from`, `rdlm.generate`, the converters) reads `params` + `model_config` through
-`load_params`, whatever kind of directory it is given.
+The kinds are a Hugging Face directory (`config.json` and safetensors, `rdlm.interop.huginn`), an Orbax step
+directory (`params/` and `model_config/`, `rdlm.orbax_steps`) and a training workdir (its newest complete
+step). Anything that only needs the model (`--config.init_from`, `rdlm.generate`, the converters, the
+notebook) reads it through `load_params`. Paths are local or gs:// (`rdlm.storage`).
 """
 
-import dataclasses
-import json
-from typing import Any
-
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
+from rdlm import orbax_steps, storage
+from rdlm.interop import huginn
 from rdlm.model.config import ModelConfig
 
-CHECKPOINTS_SUBDIR = "checkpoints"
-
-
-def model_config_to_json(config: ModelConfig) -> dict:
-    return dataclasses.asdict(config)
-
-
-def model_config_from_json(fields: dict) -> ModelConfig:
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in fields.items() if k in known})
-
-
-@dataclasses.dataclass
-class DataIterSave(ocp.args.CheckpointArgs):
-    state: Any  # this process's iterator state (a JSON-able dict), captured when the step was taken
-
-
-@dataclasses.dataclass
-class DataIterRestore(ocp.args.CheckpointArgs):
-    pass
-
-
-class DataIterHandler(ocp.CheckpointHandler):
-    """Each process writes and reads its own `process_<i>-of-<n>.json`."""
-
-    def _file(self, directory: epath.Path) -> epath.Path:
-        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-    def save(self, directory: epath.Path, args: DataIterSave):
-        self._file(directory).write_text(json.dumps(args.state))
-
-    def restore(self, directory: epath.Path, args: DataIterRestore | None = None):
-        path = self._file(directory)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint was written by a different number of processes "
-                f"than {jax.process_count()}; the data iterator cannot resume on another process count."
-            )
-        return json.loads(path.read_text())
-
-    def metadata(self, directory: epath.Path):
-        return None
-
-    def structure(self, directory: epath.Path):
-        return None
-
-    def finalize(self, directory: epath.Path):
-        pass
-
-    def close(self):
-        pass
-
-
-ocp.args.register_with_handler(DataIterHandler, for_save=True)(DataIterSave)
-ocp.args.register_with_handler(DataIterHandler, for_restore=True)(DataIterRestore)
-
-
-def registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-    """The handler of every item a step directory may hold."""
-    items = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    for item in ("params", "opt_state"):
-        for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
-            items.add(item, args, ocp.StandardCheckpointHandler())
-    items.add("params", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
-    for item in ("config", "model_config"):
-        for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
-            items.add(item, args, ocp.JsonCheckpointHandler())
-    items.add("data_iter", DataIterSave, DataIterHandler())
-    items.add("data_iter", DataIterRestore, DataIterHandler())
-    return items
-
-
-def checkpointer() -> ocp.Checkpointer:
-    """A synchronous composite checkpointer that knows every item of a step directory."""
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry()))
-
-
-def save_params(directory, config: ModelConfig, params) -> None:
-    """Writes a params-only step directory (what `to-orbax` produces and `init_from` reads)."""
-    directory = as_path(directory)
-    if directory.exists():
-        raise FileExistsError(f"{directory} already exists; choose a new output directory.")
-    checkpointer().save(
-        directory,
-        ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            model_config=ocp.args.JsonSave(model_config_to_json(config)),
-        ),
-    )
-
-
-def as_path(directory) -> epath.Path:
-    """An epath; local paths made absolute (Orbax refuses relative ones)."""
-    path = epath.Path(directory)
-    return path if "://" in str(directory) else path.resolve()
+KINDS = ("hf", "step", "workdir")
+# The ModelConfig fields that decide the parameter shapes.
+SHAPE_FIELDS = ("vocab_size", "n_embd", "n_heads", "intermediate_size", "n_layers_in_prelude",
+                "n_layers_in_recurrent_block", "n_layers_in_coda", "qk_bias")
 
 
 def kind_of(directory) -> str:
     """'hf', 'step' or 'workdir' for a directory holding a checkpoint; a clear error otherwise."""
-    directory = as_path(directory)
-    if not directory.exists():
-        raise FileNotFoundError(f"Checkpoint path {directory} does not exist.")
-    if (directory / "config.json").exists():
+    directory = storage.path(directory)
+    if not storage.exists(directory):
+        raise FileNotFoundError(f"Checkpoint path {directory} does not exist{storage.missing_reason(directory)}.")
+    if storage.exists(directory / huginn.CONFIG_FILE):
         return "hf"
-    if (directory / "params").exists() and (directory / "model_config").exists():
+    if orbax_steps.is_step_dir(directory):
         return "step"
-    if (directory / CHECKPOINTS_SUBDIR).exists():
+    if storage.exists(directory / orbax_steps.CHECKPOINTS_SUBDIR):
         return "workdir"
     raise FileNotFoundError(
-        f"{directory} is neither a Hugging Face checkpoint (config.json), an Orbax step directory "
-        f"(params/ and model_config/) nor a training workdir ({CHECKPOINTS_SUBDIR}/)."
+        f"{directory} is neither a Hugging Face checkpoint ({huginn.CONFIG_FILE}), an Orbax step directory "
+        f"(params/ and model_config/) nor a training workdir ({orbax_steps.CHECKPOINTS_SUBDIR}/)."
     )
 
 
-def latest_step_dir(workdir) -> epath.Path:
-    """The newest complete step directory of a training workdir."""
-    root = as_path(workdir) / CHECKPOINTS_SUBDIR
-    steps = ocp.utils.checkpoint_steps(root) if root.exists() else []
-    if not steps:
-        raise FileNotFoundError(f"{root} holds no complete checkpoint.")
-    return root / str(max(steps))
+def _step_dir(directory, kind: str) -> epath.Path:
+    return orbax_steps.latest_step_dir(directory) if kind == "workdir" else storage.path(directory)
 
 
-def read_model_config(step_dir) -> ModelConfig:
-    restored = checkpointer().restore(
-        as_path(step_dir), ocp.args.Composite(model_config=ocp.args.JsonRestore())
-    )
-    return model_config_from_json(restored.model_config)
+def companion_dirs(directory) -> list[epath.Path]:
+    """Where the files that travel with a checkpoint (tokenizer, generation config) live, first match wins:
+    the directory itself, and for a training step WORKDIR/checkpoints/<step> also its WORKDIR."""
+    directory = storage.path(directory)
+    dirs = [directory]
+    if kind_of(directory) == "step" and directory.parent.name == orbax_steps.CHECKPOINTS_SUBDIR:
+        dirs.append(directory.parent.parent)
+    return dirs
+
+
+def companion_files(directory) -> dict[str, epath.Path]:
+    """The huginn companion files (tokenizer.json, generation_config.json, ...) found for a checkpoint, by name."""
+    found = {}
+    for folder in reversed(companion_dirs(directory)):
+        for name in huginn.COMPANION_FILES:
+            if storage.exists(folder / name):
+                found[name] = folder / name
+    return found
 
 
 def model_config_of(directory) -> ModelConfig:
     """The ModelConfig of any checkpoint directory (HF, step or workdir), without loading weights."""
     kind = kind_of(directory)
     if kind == "hf":
-        from rdlm.interop import huginn
-
         return huginn.read_config(directory)
-    return read_model_config(latest_step_dir(directory) if kind == "workdir" else as_path(directory))
+    return orbax_steps.read_model_config(_step_dir(directory, kind))
+
+
+def check_same_shape(directory, config: ModelConfig, field: str = "init_from") -> None:
+    """Raises, in one sentence naming the fields, unless the checkpoint's parameters have `config`'s shapes."""
+    saved = model_config_of(directory)
+    differ = [n for n in SHAPE_FIELDS if getattr(saved, n) != getattr(config, n)]
+    if differ:
+        pairs = ", ".join(f"model.{n}={getattr(saved, n)} (this config: {getattr(config, n)})" for n in differ)
+        raise ValueError(
+            f"{field}={directory} holds a model of another shape: {pairs}; set those fields to the checkpoint's "
+            "(configs/sft.py:CHECKPOINT takes them from it) or start from a checkpoint of this shape."
+        )
 
 
 def read_run_config(directory) -> dict | None:
     """The training config (a dict) saved with a workdir's newest step or a step directory; None for others."""
     kind = kind_of(directory)
-    if kind == "hf":
-        return None
-    step_dir = latest_step_dir(directory) if kind == "workdir" else as_path(directory)
-    if not (step_dir / "config").exists():
-        return None
-    return checkpointer().restore(step_dir, ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    return None if kind == "hf" else orbax_steps.read_run_config(_step_dir(directory, kind))
 
 
 def load_params(directory, *, shardings=None, as_numpy: bool = False) -> tuple[ModelConfig, dict]:
@@ -176,25 +94,10 @@ def load_params(directory, *, shardings=None, as_numpy: bool = False) -> tuple[M
     """
     kind = kind_of(directory)
     if kind == "hf":
-        from rdlm.interop import huginn
-
         config, params = huginn.load_hf_checkpoint(directory)
         if shardings is not None:
             params = jax.device_put(params, shardings)
         return config, params
-    step_dir = latest_step_dir(directory) if kind == "workdir" else as_path(directory)
-    config = read_model_config(step_dir)
-    ckpt = checkpointer()
-    metadata = ckpt.metadata(step_dir).item_metadata["params"].tree
-    if as_numpy:
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-        args = ocp.args.PyTreeRestore(restore_args=restore_args)
-    else:
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
-        if shardings is None:
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            shardings = jax.tree.map(lambda _: device, abstract)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        args = ocp.args.StandardRestore(abstract)
-    restored = ckpt.restore(step_dir, ocp.args.Composite(params=args))
-    return config, restored.params
+    step_dir = _step_dir(directory, kind)
+    config = orbax_steps.read_model_config(step_dir)
+    return config, orbax_steps.restore_params(step_dir, shardings=shardings, as_numpy=as_numpy)

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 
 from absl import app, flags
@@ -18,10 +19,17 @@ from absl import logging as absl_logging
 
 # The exit status of every expected failure (bad flag, bad config, bad file, bad data).
 USAGE_ERROR = 2
+
+
+class Failure(Exception):
+    """An expected failure that is not a bad value: saved files that cannot be used (every checkpoint of a run
+    corrupt), a disk that filled up. Raise it with one sentence that says what to do."""
+
+
 # Exceptions an entry point's `main` raises for input the user can fix; `run` turns them into one sentence.
 EXPECTED_ERRORS = (
     ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
-    FloatingPointError,
+    FloatingPointError, Failure,
 )
 
 
@@ -41,18 +49,52 @@ def _config_file(argv) -> str | None:
     return None
 
 
+def _config_file_problem(argv) -> str | None:
+    """One sentence on why the `--config=FILE[:arg]` of `argv` cannot be loaded, or None if it loads."""
+    given = _config_file(argv)
+    if not given:
+        return None
+    file, _, arg = given.partition(":")
+    from rdlm import storage  # here: the entry points import cli before anything heavy
+
+    if not storage.is_file(file):
+        what = "is a directory" if storage.exists(file) else "does not exist"
+        return f"--config={given}: the config file {file} {what}; pass a config file such as configs/tiny.py."
+    try:
+        _load_config(file, arg)
+    except Exception as e:  # noqa: BLE001 (whatever the file raises is the file's problem)
+        where = _line_in(file, e)
+        first = e.msg if isinstance(e, SyntaxError) else (str(e).strip().splitlines() or [""])[0]
+        return f"--config={given} cannot be loaded: {type(e).__name__}: {first}{where}; fix the config file."
+    return None
+
+
+def _line_in(file: str, error: BaseException) -> str:
+    """' (FILE, line N)' for the deepest frame of `error` in `file`, or ''."""
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f" ({file}, line {error.lineno})"
+    from rdlm import storage
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if storage.path(f.filename) == storage.path(file)]
+    return f" ({file}, line {frames[-1].lineno})" if frames else ""
+
+
+def _load_config(file: str, arg: str):
+    spec = importlib.util.spec_from_file_location("_rdlm_config", file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{file} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def _unknown_override(argv) -> str | None:
     """The first `--config.a.b=v` whose key the config file does not define, if any."""
     path = _config_file(argv)
     if not path:
         return None
     file, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("_rdlm_config", file)
-    if spec is None or spec.loader is None:
-        return None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    config = _load_config(file, arg)
     for item in argv:
         if not item.startswith("--config."):
             continue
@@ -81,13 +123,19 @@ def parse_flags(
     try:
         remaining = flag_values(argv)
     except Exception as e:  # absl and ml_collections raise many types here; all are the user's input.
+        problem = _config_file_problem(argv[1:])
+        if problem:
+            fail(problem)
         try:
             unknown = _unknown_override(argv[1:])
         except Exception:
             unknown = None
         if unknown:
             fail(f"--config.{unknown} is not a config field; see configs/base.py for the fields.")
-        fail(f"bad command line ({type(e).__name__}: {e}).")
+        fail(f"bad command line ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}).")
+    if any(type(flag_values[name].value).__name__ == "_ErrorConfig" for name in flag_values):
+        # ml_collections defers a config file's load error until the config is used
+        fail(_config_file_problem(argv[1:]) or "the --config file cannot be loaded; check its path.")
     for name, example in (required or {}).items():
         if flag_values[name].value is None:
             fail(f"--{name} is required, e.g. --{name}={example}.")
@@ -98,12 +146,16 @@ def parse_flags(
 
 class _DropLibraryInfo(logging.Filter):
     """Keeps warnings and errors of the libraries below, and drops their INFO chatter (Orbax logs ~30
-    lines per checkpoint)."""
+    lines per checkpoint, fsspec one per gs:// file opened) and the tracebacks they log beside an error."""
 
-    LIBRARIES = ("/orbax/",)
+    LIBRARIES = ("/orbax/", "/fsspec/", "/gcsfs/")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not any(lib in record.pathname for lib in self.LIBRARIES)
+        if not any(lib in record.pathname for lib in self.LIBRARIES):
+            return True
+        if record.exc_info:  # the error it logs is raised to rdlm, which explains it (or shows its traceback)
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= logging.WARNING
 
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -132,9 +184,21 @@ def expected_failures(main: Callable[[list[str]], object]) -> Callable[[list[str
         try:
             return main(argv)
         except EXPECTED_ERRORS as e:
-            fail(str(e) or type(e).__name__)
+            # Orbax's writes that failed with it are logged again at exit as futures "never retrieved".
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            fail(describe(e))
 
     return wrapped
+
+
+def describe(error: BaseException) -> str:
+    """The message of an expected failure; an OSError raised by the OS itself (no message of ours, only
+    `[Errno 20] Not a directory: 'x'`) becomes a sentence that names the path and what to check."""
+    if isinstance(error, OSError) and error.errno is not None and error.args == (error.errno, error.strerror):
+        where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f) or "a path"
+        return (f"{where} cannot be used ({error.strerror}); check that the path is right and that this process "
+                "may read and write there.")
+    return str(error) or type(error).__name__
 
 
 def run(

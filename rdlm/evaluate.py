@@ -1,242 +1,87 @@
-"""What more test-time iterations buy: held-out reasoning accuracy and validation loss against r.
+"""Evaluate a checkpoint against the number of test-time iterations r.
 
-Accuracy is exact match of the answer under teacher forcing: every answer token must be the
-argmax given the prompt and the answer's earlier tokens, which is exactly when greedy decoding
-after the prompt produces the answer.
+    python -m rdlm.evaluate --checkpoint=CKPT --num_steps=1,4,8,16,32,64 [--tasks=val,builtin,parity-choice]
+        [--exit=kl:5e-4] [--out=DIR] [--batch_size=16] [--dtype=bfloat16]
+
+CKPT is a training workdir (its newest complete step), an Orbax step directory or a Hugging Face
+directory, local or gs://. For each r it prints and writes (DIR/results.json, DIR/results.png):
+validation loss, perplexity and bits per byte (`val`), held-out reasoning accuracy (`builtin`),
+multiple-choice acc / acc_norm and generation strict-match / flexible-extract, as lm-eval scores
+them; with --exit also the mean core iterations per token. The default tasks are the run's own
+(`val`, `builtin`) and every shipped task (rdlm/eval/data). The evaluation code lives in rdlm/eval/.
+
+    python -m rdlm.evaluate --tasks=parity-choice,parity-answer --write_lm_eval_tasks=DIR
+
+writes those tasks as lm-eval task YAMLs (for `rdlm-lm-eval run --model rdlm --include_path DIR`).
 """
 
-import collections
-import json
-import math
+from absl import flags
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from etils import epath
-from jax.sharding import Mesh
+from rdlm import cli
 
-from rdlm import sharding, steps
-from rdlm.data import builtin, pipeline
-from rdlm.model import RecurrentLM
-
-SCALING_JSON = "recurrence_scaling.json"
-SCALING_PNG = "recurrence_scaling.png"
-
-
-def problem_rows(tokenizer, problems, bos_id: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids, answer_mask) per problem: [BOS] + prompt + answer, the mask on positions predicting the answer."""
-    prompts = tokenizer.encode_batch([p.prompt for p in problems])
-    answers = tokenizer.encode_batch([p.answer for p in problems])
-    rows = []
-    for prompt, answer in zip(prompts, answers):
-        ids = np.asarray([bos_id] + prompt + answer, np.int32)
-        mask = np.zeros(len(ids), bool)
-        mask[len(prompt) : len(prompt) + len(answer)] = True  # position t predicts ids[t + 1]
-        rows.append((ids, mask))
-    return rows
+FLAGS = flags.FlagValues()
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, Orbax step directory or HF directory.",
+                                  flag_values=FLAGS)
+_NUM_STEPS = flags.DEFINE_list("num_steps", ["1", "4", "8", "16", "32", "64"], "Test-time iterations r to compare.",
+                               flag_values=FLAGS)
+_TASKS = flags.DEFINE_list("tasks", [], "Task names, spec files (.json) or JSONL files; default: the run's own "
+                           "(val, builtin) and every shipped task.", flag_values=FLAGS)
+_EXIT = flags.DEFINE_string("exit", "", "Adaptive exit 'criterion[:threshold]', e.g. kl:5e-4; '' = fixed depth.",
+                            flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", "", "Output directory; default WORKDIR/eval for a workdir, else ./eval.",
+                           flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Requests per batch (rounded up to a multiple of the devices).",
+                              flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "Compute dtype; '' = the checkpoint's.",
+                           flag_values=FLAGS)
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer file overriding the checkpoint's (.model or .json).",
+                                 flag_values=FLAGS)
+_INIT_SCALE = flags.DEFINE_float("init_scale", -1.0, "Initial-state scale; -1 = the run's eval.init_scale (else 1).",
+                                 flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", -1, "Seed of the initial states; -1 = the run's eval.seed (else 0).",
+                             flag_values=FLAGS)
+_WRITE_YAML = flags.DEFINE_string("write_lm_eval_tasks", "", "Write --tasks as lm-eval task YAMLs into this "
+                                  "directory and exit.", flag_values=FLAGS)
 
 
-def _batch(rows, length: int) -> dict[str, np.ndarray]:
-    B = len(rows)
-    batch = {k: np.zeros((B, length), np.int32) for k in ("inputs", "targets", "segment_ids")}
-    batch["answer_mask"] = np.zeros((B, length), bool)
-    for b, (ids, mask) in enumerate(rows):
-        n = len(ids) - 1
-        batch["inputs"][b, :n], batch["targets"][b, :n] = ids[:-1], ids[1:]
-        batch["segment_ids"][b, :n] = 1
-        batch["answer_mask"][b, :n] = mask[:-1]
-    return batch
+def _num_steps(values) -> list[int]:
+    try:
+        steps = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--num_steps={','.join(values)} must be comma-separated ints, e.g. 1,4,16,32.") from None
+    if not steps or min(steps) < 1:
+        raise ValueError(f"--num_steps={','.join(values)} must list iterations >= 1.")
+    return steps
 
 
-class ReasoningEval:
-    """Exact-match accuracy of held-out problems at any r, compiled once for every r."""
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; flags look like --checkpoint=DIR.")
+    from rdlm import checkpoint_io, storage
+    from rdlm.eval import report, runner, tasks
 
-    def __init__(self, model: RecurrentLM, mesh: Mesh, rules, *, batch_size: int, init_scale: float):
-        self.mesh, self.rules, self.batch_size = mesh, rules, batch_size
-        sharding.check_batch(batch_size, mesh, rules, "eval.batch_size")
-
-        def correct(params, batch, num_steps, rng):
-            out = model.apply(
-                {"params": params},
-                batch["inputs"],
-                num_steps=num_steps,
-                segment_ids=batch["segment_ids"],
-                init_scale=init_scale,
-                rngs={"state": rng},
-            )
-            right = (jnp.argmax(out.logits, axis=-1) == batch["targets"]) | ~batch["answer_mask"]
-            return jnp.all(right, axis=-1) & jnp.any(batch["answer_mask"], axis=-1)
-
-        self._correct = jax.jit(correct, out_shardings=sharding.replicated(mesh))
-
-    def __call__(self, params, rows, num_steps: int, rng) -> np.ndarray:
-        """Per problem, whether it was answered right at `num_steps` iterations."""
-        length = max(len(ids) for ids, _ in rows) - 1
-        results = []
-        B, P = self.batch_size, jax.process_count()
-        in_sharding = sharding.batch_sharding(self.mesh, self.rules)
-        for start in range(0, len(rows), B):
-            chunk = rows[start : start + B]
-            batch = _batch(chunk + [(np.zeros(2, np.int32), np.zeros(2, bool))] * (B - len(chunk)), length)
-            rows_here = B // P
-            local = {k: v[jax.process_index() * rows_here : (jax.process_index() + 1) * rows_here] for k, v in batch.items()}
-            global_batch = sharding.global_batch(local, in_sharding, B)
-            ok = self._correct(params, global_batch, jnp.int32(num_steps), jax.random.fold_in(rng, start))
-            results.append(np.asarray(ok)[: len(chunk)])
-        return np.concatenate(results)
-
-
-def parse_buckets(text: str) -> list[tuple[int, int]]:
-    """'1-4,5-8,9' -> [(1, 4), (5, 8), (9, 9)]; '' gives power-of-two buckets (1, 2, 3-4, 5-8, ...)."""
-    if not text:
-        return [(1, 1), (2, 2)] + [(2**i + 1, 2 ** (i + 1)) for i in range(1, 12)]
-    buckets = []
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        try:
-            buckets.append((int(lo), int(hi or lo)))
-        except ValueError:
-            raise ValueError(f"eval.difficulty_buckets={text!r} must look like '1-4,5-8,9-16'.") from None
-    return buckets
-
-
-def bucket_of(difficulty: int, buckets: list[tuple[int, int]]) -> str:
-    for lo, hi in buckets:
-        if lo <= difficulty <= hi:
-            return f"{lo}-{hi}" if hi > lo else str(lo)
-    return str(difficulty)
-
-
-def accuracy_table(correct_by_r: dict[int, np.ndarray], labels: list[str], trained: list[bool] | None = None) -> dict:
-    """Overall and per-label (e.g. 'parity/9-16') accuracy for each r.
-
-    With `trained` (per problem: is its difficulty one training saw), also the accuracy within and
-    beyond the training difficulties.
-    """
-    rs = sorted(correct_by_r)
-    groups = collections.defaultdict(list)
-    for i, label in enumerate(labels):
-        groups[label].append(i)
-    result = {
-        "accuracy": [float(np.mean(correct_by_r[r])) for r in rs],
-        "accuracy_by_difficulty": {label: [float(np.mean(correct_by_r[r][idx])) for r in rs] for label, idx in groups.items()},
-    }
-    if trained is not None:
-        inside = np.asarray(trained, bool)
-        for key, mask in (("accuracy_in_distribution", inside), ("accuracy_beyond_training", ~inside)):
-            if mask.any():
-                result[key] = [float(np.mean(correct_by_r[r][mask])) for r in rs]
-    return result
-
-
-_COLUMNS = (
-    ("accuracy", "accuracy"),
-    ("accuracy_in_distribution", "in-dist"),
-    ("accuracy_beyond_training", "beyond"),
-    ("val_loss", "val_loss"),
-)
-
-
-def format_table(result: dict) -> str:
-    """The recurrence-scaling table as fixed-width text; '*' marks difficulties beyond training."""
-    columns = [(key, name) for key, name in _COLUMNS if result.get(key)]
-    groups = list(result.get("accuracy_by_difficulty", {}))
-    head = ["r"] + [name for _, name in columns] + groups
-    width = max(10, *(len(h) for h in head))
-    lines = ["  ".join(f"{h:>{width}}" for h in head)]
-    for i, r in enumerate(result["num_steps"]):
-        cells = [f"{r:>{width}d}"] + [_cell(result[key][i], width) for key, _ in columns]
-        cells += [_cell(result["accuracy_by_difficulty"][g][i], width) for g in groups]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
-
-
-def _cell(value, width: int = 10) -> str:
-    missing = value is None or (isinstance(value, float) and math.isnan(value))
-    return f"{'-':>{width}}" if missing else f"{value:>{width}.4f}"
-
-
-def write_results(workdir, result: dict) -> None:
-    """`recurrence_scaling.json` and `recurrence_scaling.png` in the workdir (process 0 only)."""
-    if jax.process_index() != 0:
+    if _WRITE_YAML.value:
+        out = storage.path(_WRITE_YAML.value)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in _TASKS.value or tasks.shipped_names():
+            task = tasks.load(name)
+            (out / f"{task.name}.yaml").write_text(tasks.lm_eval_yaml(task))
+            print(f"wrote {out / (task.name + '.yaml')}")
         return
-    workdir = epath.Path(workdir)
-    (workdir / SCALING_JSON).write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, workdir / SCALING_PNG)
-
-
-def plot(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    r = result["num_steps"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    if result.get("accuracy"):
-        for group, values in result.get("accuracy_by_difficulty", {}).items():
-            axes[0].plot(r, values, marker=".", alpha=0.5, label=group)
-        axes[0].plot(r, result["accuracy"], marker="o", color="black", linewidth=2.5, label="all held-out")
-        axes[0].legend(fontsize=7, ncol=2)
-    axes[0].set(xscale="log", xlabel="test-time iterations r", ylabel="held-out accuracy", title="Reasoning accuracy")
-    if result.get("val_loss"):
-        axes[1].plot(r, result["val_loss"], marker="o")
-    axes[1].set(xscale="log", xlabel="test-time iterations r", ylabel="validation loss", title="Validation loss")
-    for ax in axes:
-        ax.set_xticks(r, [str(x) for x in r])
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with epath.Path(path).open("wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-
-
-def eval_batches(config, mesh, rules) -> list:
-    """The fixed validation batches as global arrays (each process contributes its rows)."""
-    sharding.check_batch(config.eval.batch_size, mesh, rules, "eval.batch_size")
-    local = pipeline.make_eval_batches(
-        config, batch_size=config.eval.batch_size // jax.process_count(), process_index=jax.process_index(),
-        process_count=jax.process_count(),
+    if not _CHECKPOINT.value:
+        cli.fail("--checkpoint is required, e.g. --checkpoint=runs/tiny.")
+    num_steps = _num_steps(_NUM_STEPS.value)
+    model = runner.load_model(_CHECKPOINT.value, dtype=_DTYPE.value or None, tokenizer=_TOKENIZER.value or None)
+    result = runner.evaluate(
+        model, num_steps=num_steps, tasks=_TASKS.value or None, exit=_EXIT.value, batch_size=_BATCH.value,
+        init_scale=None if _INIT_SCALE.value < 0 else _INIT_SCALE.value, seed=None if _SEED.value < 0 else _SEED.value,
     )
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    return [sharding.global_batch(b, batch_sharding, config.eval.batch_size) for b in local]
+    out = _OUT.value or ("eval" if checkpoint_io.kind_of(_CHECKPOINT.value) != "workdir" else
+                         str(storage.path(_CHECKPOINT.value) / "eval"))
+    report.write_results(out, result, report.RESULTS_JSON, report.RESULTS_PNG)
+    print(report.format_table(result), flush=True)
+    print(f"Wrote {storage.path(out) / report.RESULTS_JSON} and {storage.path(out) / report.RESULTS_PNG}")
 
 
-def validation_loss(eval_step, params, batches, num_steps_list, seed) -> dict:
-    """Validation loss at each r (one compiled program for all of them)."""
-    out = {}
-    for r in num_steps_list:
-        totals = [eval_step(params, b, jnp.int32(r), jax.random.key(seed)) for b in batches]
-        loss = sum(float(t[0]) for t in totals) / max(sum(float(t[1]) for t in totals), 1.0)
-        out[f"val_loss_r{r}"] = loss
-    return out
-
-
-def recurrence_scaling(config, model, params, mesh, rules, batches=None, eval_step=None) -> dict:
-    """Validation loss and (built-in data) held-out reasoning accuracy at each r of eval.final_num_steps.
-
-    `batches` and `eval_step` default to the config's validation batches and a fresh jitted step.
-    """
-    num_steps = [int(r) for r in config.eval.final_num_steps]
-    batches = eval_batches(config, mesh, rules) if batches is None else batches
-    if eval_step is None:
-        eval_step = jax.jit(steps.make_eval_step(model, config.eval.init_scale), out_shardings=sharding.replicated(mesh))
-    losses = validation_loss(eval_step, params, batches, num_steps, config.eval.seed)
-    result = {"num_steps": num_steps, "val_loss": [losses[f"val_loss_r{r}"] for r in num_steps]}
-    if config.eval.reasoning and config.data.source == "builtin" and config.data.builtin.task_fraction > 0:
-        tokenizer = pipeline.load_tokenizer(config)
-        problems = builtin.heldout_problems(config)
-        flat = [(task, p) for task, ps in problems.items() for p in ps]
-        rows = problem_rows(tokenizer, [p for _, p in flat], pipeline.special_ids(config).bos)
-        buckets = parse_buckets(config.eval.difficulty_buckets)
-        trained_difficulties = {int(d) for d in config.data.builtin.difficulties}
-        trained = [p.difficulty in trained_difficulties for _, p in flat]
-        labels = [f"{task}/{bucket_of(p.difficulty, buckets)}{'' if ok else '*'}" for (task, p), ok in zip(flat, trained)]
-        by_difficulty = sorted(zip([(task, p.difficulty) for task, p in flat], labels))
-        order = list(dict.fromkeys(label for _, label in by_difficulty))  # buckets by task, then difficulty
-        run = ReasoningEval(model, mesh, rules, batch_size=config.eval.batch_size, init_scale=config.eval.init_scale)
-        correct = {r: run(params, rows, r, jax.random.key(config.eval.seed)) for r in num_steps}
-        table = accuracy_table(correct, labels, trained)
-        table["accuracy_by_difficulty"] = {label: table["accuracy_by_difficulty"][label] for label in order}
-        result.update(table, difficulties_trained=sorted(trained_difficulties))
-    return result
+if __name__ == "__main__":
+    cli.run(main, FLAGS, usage=__doc__)

@@ -1,7 +1,8 @@
 """Generate text from a checkpoint and show the compute each token used.
 
-    python -m rdlm.generate --checkpoint=DIR --prompt="..." --num_steps=32 [--exit=kl:5e-4]
-        [--sampler=sequential|speculative|parallel] [--max_new_tokens=N] [--temperature=T] [--chat]
+    python -m rdlm.generate --checkpoint=DIR --prompt="..." --num_steps=32 [--exit=kl:5e-4] [--check_every=C]
+        [--sampler=sequential|speculative|parallel] [--dtype=float32|bfloat16] [--max_new_tokens=N]
+        [--temperature=T] [--chat]
 
 DIR is a training workdir, an Orbax step directory or a Hugging Face checkpoint directory; the text
 goes through the checkpoint's tokenizer (SentencePiece for models trained here, huginn's
@@ -28,6 +29,10 @@ _NUM_STEPS = flags.DEFINE_integer(
 _EXIT = flags.DEFINE_string(
     "exit", "", "Adaptive exit 'criterion[:threshold]', e.g. kl:5e-4; '' = fixed depth.", flag_values=FLAGS
 )
+_CHECK_EVERY = flags.DEFINE_integer(
+    "check_every", 0, "Check the exit criterion every C iterations; 0 = the criterion's default.", flag_values=FLAGS
+)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "Weights and compute.", flag_values=FLAGS)
 _SAMPLER = flags.DEFINE_enum("sampler", "sequential", SAMPLERS, "Decoding algorithm.", flag_values=FLAGS)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.", flag_values=FLAGS)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", flag_values=FLAGS)
@@ -52,6 +57,13 @@ _INNER_STEPS = flags.DEFINE_integer("inner_steps", 4, "Parallel: iterations per 
 _FREEZE = flags.DEFINE_float(
     "freeze_threshold", 0.03, "Parallel: latent change below which a position freezes.", flag_values=FLAGS
 )
+_WINDOW = flags.DEFINE_integer("window", 0, "Parallel: in-flight positions; 0 = the sampler's default.",
+                               flag_values=FLAGS)
+_COMMIT = flags.DEFINE_enum("commit", "leading", ("leading", "last"),
+                            "Parallel: commit the frozen front positions, or up to the last frozen one.",
+                            flag_values=FLAGS)
+_EMA = flags.DEFINE_float("ema_embeds", 0.0, "Parallel: weight of the previous pass's embedding.", flag_values=FLAGS)
+_NOISE = flags.DEFINE_float("state_noise", 0.0, "Parallel: initial-state mixing before a pass.", flag_values=FLAGS)
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", "", "Tokenizer file overriding the checkpoint's (.model or .json).", flag_values=FLAGS
 )
@@ -83,18 +95,24 @@ def generate_text(
     seed: int = 0,
     kv_share: int = 0,
     min_steps: int = 0,
+    check_every: int = 0,
     continuous: bool = False,
+    dtype: str = "float32",
     draft_steps: int = 4,
     lookahead: int = 8,
     inner_steps: int = 4,
     freeze_threshold: float = 0.03,
+    window: int = 0,
+    commit: str = "leading",
+    ema_embeds: float = 0.0,
+    state_noise: float = 0.0,
     tokenizer: str = "",
 ) -> Generation:
     """Loads the checkpoint and its tokenizer, generates from `prompt`, and returns the text and steps."""
     import jax
 
     from rdlm import checkpoint_io, sampling
-    from rdlm.sampling import text as text_lib
+    from rdlm.sampling import precision, text as text_lib
 
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}.")
@@ -102,7 +120,7 @@ def generate_text(
     if criterion is not None and sampler != "sequential":
         raise ValueError(f"--exit works with --sampler=sequential, not {sampler}.")
     codec = text_lib.load_codec(checkpoint, tokenizer or None)
-    config, params = checkpoint_io.load_params(checkpoint)
+    config, params = precision.with_dtype(*checkpoint_io.load_params(checkpoint), dtype)
     ids = codec.prompt_ids(prompt, chat=chat)
     common = dict(
         max_new_tokens=max_new_tokens,
@@ -126,6 +144,7 @@ def generate_text(
             exit_criterion=criterion and criterion.name,
             exit_threshold=criterion and criterion.threshold,
             min_steps=min_steps,
+            check_every=check_every,
             kv_share=kv_share or None,
             continuous=continuous,
             **common,
@@ -136,12 +155,14 @@ def generate_text(
         )
         extra["acceptance_rate"] = out.acceptance_rate
     else:
+        settings = sampling.ParallelSettings(inner_steps=inner_steps, freeze_threshold=freeze_threshold,
+                                             window=window or None, commit=commit, ema_embeds=ema_embeds,
+                                             state_noise=state_noise)
         out = sampling.generate_parallel(
             config,
             params,
             [ids],
-            inner_steps=inner_steps,
-            exit_threshold=freeze_threshold,
+            settings=settings,
             min_steps=min_steps,
             continuous=continuous,
             **common,
@@ -172,11 +193,17 @@ def main(argv):
         seed=_SEED.value,
         kv_share=_KV_SHARE.value,
         min_steps=_MIN_STEPS.value,
+        check_every=_CHECK_EVERY.value,
         continuous=_CONTINUOUS.value,
+        dtype=_DTYPE.value,
         draft_steps=_DRAFT_STEPS.value,
         lookahead=_LOOKAHEAD.value,
         inner_steps=_INNER_STEPS.value,
         freeze_threshold=_FREEZE.value,
+        window=_WINDOW.value,
+        commit=_COMMIT.value,
+        ema_embeds=_EMA.value,
+        state_noise=_NOISE.value,
         tokenizer=_TOKENIZER.value,
     )
     print(g.text)

@@ -10,7 +10,6 @@ step above N are stale; `read_metrics` applies both rules.
 import json
 import math
 import os
-import pathlib
 import sys
 import time
 import uuid
@@ -21,14 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from rdlm import storage
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def _staging_dir(remote: str) -> pathlib.Path:
+def _staging_dir(remote: str) -> epath.Path:
     """Where the metrics of a remote workdir are written before they are copied there."""
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in remote)
-    return pathlib.Path(os.path.expanduser("~/.cache/rdlm/staging")) / name
+    return storage.path("~/.cache/rdlm/staging") / name
 
 
 def _number(key: str, value: Any):
@@ -55,17 +56,16 @@ class MetricsWriter:
             return
         from tensorboardX import SummaryWriter  # imported here: only process 0 pays for it
 
-        self._remote = epath.Path(workdir) if "://" in str(workdir) else None
-        local = _staging_dir(str(workdir)) if self._remote else pathlib.Path(workdir)
-        local.mkdir(parents=True, exist_ok=True)
-        if self._remote and (self._remote / METRICS_FILE).exists() and not (local / METRICS_FILE).exists():
-            (local / METRICS_FILE).write_text((self._remote / METRICS_FILE).read_text())
+        self._remote = storage.path(workdir) if storage.is_remote(workdir) else None
+        local = storage.makedirs(_staging_dir(os.fspath(workdir)) if self._remote else workdir)
+        if self._remote and storage.exists(self._remote / METRICS_FILE) and not storage.exists(local / METRICS_FILE):
+            storage.copy(self._remote / METRICS_FILE, local / METRICS_FILE)
         self._local = local
-        self._file = open(local / METRICS_FILE, "a", encoding="utf-8")
+        self._file = storage.open(local / METRICS_FILE, "a")
         purge_step = None if resume_step is None else int(resume_step) + 1
         # A unique suffix so a restart within the same second never truncates the old event file.
         self._tb = SummaryWriter(
-            str(local / TENSORBOARD_DIR),
+            os.fspath(local / TENSORBOARD_DIR),
             purge_step=purge_step,
             filename_suffix=f".{uuid.uuid4().hex[:8]}",
         )
@@ -100,10 +100,9 @@ class MetricsWriter:
         self._file.flush()
         self._tb.flush()
         if self._remote:
-            (self._remote / TENSORBOARD_DIR).mkdir(parents=True, exist_ok=True)
-            for path in [self._local / METRICS_FILE, *(self._local / TENSORBOARD_DIR).glob("events.*")]:
-                target = self._remote / path.relative_to(self._local)
-                target.write_bytes(path.read_bytes())
+            events = storage.glob(f"{self._local / TENSORBOARD_DIR}/events.*")
+            for path in [self._local / METRICS_FILE, *map(storage.path, events)]:
+                storage.copy(path, self._remote / path.relative_to(self._local))
 
     def close(self) -> None:
         if self._is_primary and not self._file.closed:
@@ -115,16 +114,15 @@ class MetricsWriter:
 def read_metrics(workdir) -> list[dict]:
     """The records of `WORKDIR/metrics.jsonl`, one per step in step order, stale lines dropped."""
     by_step: dict[int, dict] = {}
-    with open(pathlib.Path(workdir) / METRICS_FILE, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if "resume_step" in record:
-                cut = record["resume_step"]
-                by_step = {step: r for step, r in by_step.items() if step <= cut}
-                continue
-            by_step.setdefault(record["step"], {}).update(record)
+    for line in storage.read_text(storage.path(workdir) / METRICS_FILE).splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "resume_step" in record:
+            cut = record["resume_step"]
+            by_step = {step: r for step, r in by_step.items() if step <= cut}
+            continue
+        by_step.setdefault(record["step"], {}).update(record)
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -271,8 +269,8 @@ def read_events(logdir) -> list[tuple[str, int, Any]]:
     from tensorboardX.proto import event_pb2
 
     found = []
-    for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
-        data = path.read_bytes()
+    for path in storage.glob(f"{storage.path(logdir)}/events.out.tfevents.*"):
+        data = storage.read_bytes(path)
         offset = 0
         while offset < len(data):
             (length,) = struct.unpack("<Q", data[offset : offset + 8])

@@ -16,9 +16,13 @@ Bias correction still applies at t = 1 under running init (so the first step is 
 instead of entering it. Weight decay is decoupled and scaled by the schedule, not by lr itself;
 here it is `add_decayed_weights(wd / peak_lr)` ahead of the learning-rate scaling, which is the
 same update.
+
+Fine-tuning can freeze parameters (`optim.freeze`): they get no update, no optimizer state and no
+weight decay, so they stay bit-identical, and the gradient clip sees only the trained ones.
 """
 
 import math
+import re
 from typing import Any, NamedTuple
 
 import jax
@@ -33,6 +37,9 @@ DECAY_SHAPES = ("linear", "1-sqrt")
 STACKED_LAYERS_KEY = "layers"
 # Names of the decayed matrices in rdlm's model (kernel: any plain flax Dense).
 DECAYED = ("kernel", "embedding", "adapter", "wqkv", "wo", "fc", "proj")
+
+# optim.freeze shorthands: the regex (over '/'-joined parameter paths) each name stands for.
+FREEZE_GROUPS = {"prelude": r"^prelude/", "core": r"^core/", "coda": r"^(coda|ln_f)/", "embedding": r"^wte/"}
 
 # The reference's default `eps`; with atan2 it is only the floor of v under update clipping.
 _V_FLOOR_EPS = 1e-6
@@ -147,6 +154,28 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(_decays, params)
 
 
+def freeze_labels(params: Any, freeze: str) -> Any:
+    """'frozen' or 'trained' per parameter: `freeze` is comma-separated FREEZE_GROUPS names or regexes, each
+    searched in the parameter's '/'-joined path (e.g. prelude/layers/attn/wqkv); each must match something."""
+    patterns = [FREEZE_GROUPS.get(p.strip(), p.strip()) for p in freeze.split(",") if p.strip()]
+    paths = ["/".join(_path_names(path)) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for given, pattern in zip([p.strip() for p in freeze.split(",") if p.strip()], patterns):
+        try:
+            matched = any(re.search(pattern, path) for path in paths)
+        except re.error as e:
+            raise ValueError(f"optim.freeze: {given!r} is not a valid regular expression ({e}).") from None
+        if not matched:
+            raise ValueError(
+                f"optim.freeze: {given!r} matches no parameter; use {', '.join(FREEZE_GROUPS)} or a regex over names "
+                f"like {paths[0]}."
+            )
+    frozen = [any(re.search(p, path) for p in patterns) for path in paths]
+    if all(frozen):
+        raise ValueError(f"optim.freeze={freeze!r} freezes every parameter; leave some to train.")
+    labels = iter("frozen" if f else "trained" for f in frozen)
+    return jax.tree.map(lambda _: next(labels), params)
+
+
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{field}={value!r} is not supported; use one of {', '.join(allowed)}.")
@@ -207,7 +236,8 @@ def make_schedule(config) -> optax.Schedule:
 
 
 def make_optimizer(config, *, accumulate: bool = True) -> optax.GradientTransformation:
-    """Global-norm clipping, then the chosen optimizer, masked decoupled weight decay and schedule.
+    """Global-norm clipping, then the chosen optimizer, masked decoupled weight decay and schedule, on the
+    parameters `config.optim.freeze` leaves trained (the others get zero updates).
 
     The weight-decay mask is computed from each tree's paths (`weight_decay_mask`). `config.optim.weight_decay` is the fraction
     of each decayed weight removed per step at peak lr (the reference's decoupled convention) for
@@ -233,9 +263,15 @@ def make_optimizer(config, *, accumulate: bool = True) -> optax.GradientTransfor
         optax.scale_by_learning_rate(schedule),
     ]
     optimizer = optax.chain(*chain)
+    freeze = str(o.get("freeze", ""))
+    if freeze.strip():
+        optimizer = optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
+                                          lambda params: freeze_labels(params, freeze))
+    if not accumulate:
+        return optimizer
     k = int(config.train.grad_accum_steps)
     if k < 1:
-        raise ValueError(f"config.train.grad_accum_steps must be >= 1, got {k}.")
-    if accumulate and k > 1:
+        raise ValueError(f"config.train.grad_accum_steps must be >= 1 to accumulate in the optimizer, got {k}.")
+    if k > 1:
         return optax.MultiSteps(optimizer, every_k_schedule=k).gradient_transformation()
     return optimizer

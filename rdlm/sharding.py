@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -93,8 +94,15 @@ def check_rules(rules, mesh: Mesh) -> tuple:
 
 def logical_shardings(abstract_boxed, mesh: Mesh, rules) -> object:
     """NamedShardings for a tree whose leaves may be LogicallyPartitioned (others are replicated)."""
+    # The optimizer state of frozen parameters (optim.freeze) is optax.MaskedNode, an empty tuple (possibly in a
+    # box) that flax would take for a logical spec; it stays as it is (nothing to place).
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    abstract_boxed = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) and masked(x.value) else x, abstract_boxed,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     specs = nn.get_partition_spec(abstract_boxed)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return jax.tree.map(lambda x: x if masked(x) else nn.logical_to_mesh_sharding(x, mesh, rules), specs,
+                        is_leaf=lambda x: masked(x) or isinstance(x, P))
 
 
 def check_divisible(abstract, shardings) -> None:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from rdlm import metrics as metrics_lib
+from rdlm import numerics
 from rdlm.model import RecurrentLM, sample_num_steps
 from rdlm.state import TrainState
 
@@ -46,7 +47,8 @@ def make_train_step(model: RecurrentLM, tx, schedule, recurrence, rng, grad_accu
     """`train_step(state, batch) -> (state, metrics)`; with accumulation the batch has a leading micro-batch axis.
 
     One depth (n, k) is drawn per optimizer step from the run's rng and the step number, so every
-    host and every micro-batch uses the same r; k is traced (at most `recurrence.backprop`).
+    host and every micro-batch uses the same r; k is traced (at most `recurrence.backprop`). A step
+    whose loss or gradient norm is not finite applies no update (rdlm.numerics) and reports `finite = 0`.
     """
 
     def grads_of(params, batch, n, k, state_rng):
@@ -78,12 +80,22 @@ def make_train_step(model: RecurrentLM, tx, schedule, recurrence, rng, grad_accu
             out = _States(*last)
         denominator = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = loss_sum / denominator, optax.global_norm(grads)
+        finite = numerics.finite_step(loss, grad_norm)
+
+        def apply():
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state, metrics_lib.rms(updates)
+
+        def keep():  # a non-finite step changes nothing but the step count
+            return state.params, state.opt_state, jnp.zeros((), jnp.float32)
+
+        params, opt_state, update_rms = numerics.apply_if_finite(finite, apply, keep)
         metrics = {
-            "loss": loss_sum / denominator,
-            "grad_norm": optax.global_norm(grads),
-            "update_rms": metrics_lib.rms(updates),
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "finite": finite.astype(jnp.int32),
+            "update_rms": update_rms,
             "param_rms": metrics_lib.rms(params),
             "lr": schedule(state.step),
             "num_steps": n + k,

@@ -1,9 +1,17 @@
 """Training: `python -m rdlm.train --config=configs/tiny.py --workdir=runs/tiny`.
 
-`train_and_evaluate(config, workdir)` resumes from the workdir's newest complete checkpoint (model,
-optimizer and data-iterator state), trains to `train.num_steps`, saving every
-`checkpoint.every_steps` and on SIGTERM, and ends with the recurrence-scaling table: held-out
-accuracy and validation loss against test-time r.
+`train_and_evaluate(config, workdir)` resumes from the workdir's newest intact checkpoint (model,
+optimizer and data-iterator state; a corrupt newer one is named and passed over, rdlm.checkpoint),
+trains to `train.num_steps`, saving every `checkpoint.every_steps`, on SIGTERM and before the job's
+time limit (`train.max_hours`, rdlm.preemption), and ends with the recurrence-scaling table: held-out
+accuracy and validation loss against test-time r. A resumed run reads its data with its own saved
+tokenizer (WORKDIR/tokenizer.model) and refuses a built-in corpus whose fingerprint has changed.
+The workdir is checked before anything is compiled (rdlm.workdir); a non-finite step applies no
+update and is skipped or stops the run (`train.on_nonfinite`, rdlm.numerics).
+
+`--dry_run` compiles the train step from abstract shapes on the devices present and prints its
+memory per device and micro-batch layout as one JSON line (rdlm.program.dry_run); nothing is
+allocated, read or written.
 """
 
 # ruff: noqa: E402 (the huge-pages restart runs before the heavy imports, so that they load once)
@@ -12,9 +20,8 @@ from rdlm import cli
 if __name__ == "__main__":
     cli.restart_with_huge_pages()
 
-import dataclasses
+import json
 import os
-import signal
 import sys
 import time
 
@@ -26,25 +33,14 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from rdlm import checkpoint, checkpoint_io, evaluate, metrics, optim, perf, sharding, state as state_lib, steps
-from rdlm.data import pipeline
+from rdlm import checkpoint, checkpoint_io, fault_hooks, metrics, numerics, perf, preemption, sharding
+from rdlm import state as state_lib
+from rdlm import steps, storage, train_log
+from rdlm import workdir as workdir_lib
+from rdlm import program as program_lib
+from rdlm.data import chat, pipeline
 from rdlm.data import tokenizer as tokenizer_lib
-from rdlm.model import ModelConfig, RecurrentLM
-
-
-class Preempted(Exception):
-    """Training stopped on SIGTERM after saving a checkpoint."""
-
-
-def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of a run: `config.model` plus the recurrence of `config.recurrence`."""
-    fields = dict(config.model.to_dict())
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(fields) - known
-    if unknown:
-        raise ValueError(f"config.model has unknown field(s) {sorted(unknown)}.")
-    backprop = config.recurrence.fixed or config.recurrence.backprop
-    return ModelConfig(**fields, mean_recurrence=max(config.recurrence.mean, 1), mean_backprop_depth=max(backprop, 1))
+from rdlm.eval import heldout, report, training_hook
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
@@ -72,41 +68,6 @@ def _on_cloud_tpu_vm() -> bool:
     return bool(running_in_cloud_tpu_vm)
 
 
-class _SigtermFlag:
-    """Set by SIGTERM; multi-process runs use JAX's preemption sync point instead (it owns SIGTERM)."""
-
-    def __init__(self):
-        self.received = False
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the end of this step.")
-        self.received = True
-
-    def should_stop(self, manager, step: int) -> bool:
-        if jax.process_count() > 1:
-            return manager.reached_preemption(step)
-        return self.received
-
-
-def _check_config(config, model_config: ModelConfig, mesh, rules) -> int:
-    """Checks what would otherwise fail deep inside JAX; returns the per-process batch size."""
-    if config.train.num_steps < 0:
-        raise ValueError(f"train.num_steps={config.train.num_steps} must be >= 0.")
-    accum = config.train.grad_accum_steps
-    if accum < 1 or config.train.batch_size % accum:
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} must be a multiple of train.grad_accum_steps={accum}."
-        )
-    sharding.check_batch(config.train.batch_size // accum, mesh, rules, "train.batch_size / train.grad_accum_steps")
-    if config.data.seq_len > model_config.block_size:
-        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.block_size={model_config.block_size}.")
-    if config.recurrence.mean < 1 and not config.recurrence.fixed:
-        raise ValueError(f"recurrence.mean={config.recurrence.mean} must be >= 1.")
-    return config.train.batch_size // jax.process_count()
-
-
 def _global(batch: dict, sharding_, rows: int, accum: int):
     if accum > 1:
         batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
@@ -118,136 +79,197 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     """Trains (or resumes) a run in `workdir` on `devices` (default: all); returns the final results."""
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.check_rules(config.mesh.rules, mesh)
-    workdir = checkpoint_io.as_path(workdir)
+    workdir = storage.path(workdir)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _train_and_evaluate(config, workdir, mesh, rules)
 
 
 def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
-    workdir.mkdir(parents=True, exist_ok=True)
-    model_config = model_config_from(config)
-    local_batch = _check_config(config, model_config, mesh, rules)
-    tokenizer_lib.check_vocab(pipeline.corpus_vocab_size(config), model_config.vocab_size)
-    model = RecurrentLM(model_config)
-    schedule = optim.make_schedule(config)
-    tx = optim.make_optimizer(config, accumulate=False)
-    seq_len = config.data.seq_len
-    abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, seq_len)
-
+    program = program_lib.build(config, mesh, rules)
+    model_config, model, tx, micro = program.model_config, program.model, program.tx, program.micro
+    abstract, shardings = program.abstract, program.shardings
+    logging.info("%s", micro.describe())
+    numerics.check_config(config.train)
+    stop = preemption.StopSignals(config.train)  # the job's clock starts here
+    workdir_lib.check_writable(workdir)  # before any data is built or anything compiled
+    workdir_lib.check_free_space(workdir, workdir_lib.state_bytes(abstract), config.checkpoint.keep)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    resuming = bool(ckpts.steps())
+    config_json = config.to_dict()  # each checkpoint records the config as given
+    config = _with_run_tokenizer(config, workdir) if resuming else config
+    tokenizer_lib.check_vocab(pipeline.corpus_vocab_size(config), model_config.vocab_size)
+    corpus = _corpus(config)
+    if not resuming:
+        _save_tokenizer(config, workdir)
+
+    seq_len = config.data.seq_len
     rng = jax.random.key(config.train.seed)
+    restored = ckpts.restore_latest(abstract, shardings) if resuming else None
+    if restored is not None:
+        _check_same_corpus(ckpts, restored[0], corpus)
     data_iter = pipeline.make_train_iterator(
         config,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         seed=config.train.seed,
-        batch_size_per_process=local_batch,
+        batch_size_per_process=config.train.batch_size // jax.process_count(),
     )
-    _save_tokenizer(config, workdir)
-    start = ckpts.latest_step()
-    if start is not None:
-        state, iter_state = ckpts.restore(start, abstract, shardings)
+    if restored is not None:
+        start, state, iter_state = restored
         data_iter.set_state(iter_state)
         logging.info("Resumed from %s at step %d.", ckpts.directory, start)
     elif config.init_from:
+        checkpoint_io.check_same_shape(config.init_from, model_config)
         _, params = checkpoint_io.load_params(config.init_from, shardings=shardings.params)
+        if not bool(numerics.all_finite(params)):
+            raise ValueError(f"init_from={config.init_from} holds non-finite parameters; start from another checkpoint.")
         state = state_lib.state_from_params(params, tx, shardings)
         logging.info("Initialised params from %s.", config.init_from)
     else:
         state = state_lib.init_state(model, tx, jax.random.fold_in(rng, 2), mesh, rules, seq_len, shardings)
     first_step = int(jax.device_get(state.step))
 
-    accum = config.train.grad_accum_steps
-    batch_sharding = sharding.batch_sharding(mesh, rules, leading_dims=1 if accum > 1 else 0)
-    train_step = jax.jit(
-        steps.make_train_step(model, tx, schedule, config.recurrence, rng, accum),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    accum, batch_sharding, train_step = micro.grad_accum_steps, program.batch_sharding, program.train_step
     eval_step = jax.jit(steps.make_eval_step(model, config.eval.init_scale), out_shardings=sharding.replicated(mesh))
-    eval_batches = None
+    eval_batches, task_hook = None, None
 
     primary = jax.process_index() == 0
     writer = metrics.MetricsWriter(workdir, is_primary=primary, resume_step=first_step if first_step else None)
     peak = config.log.peak_tflops or perf.measure_peak_tflops()
     tokens_per_step = config.train.batch_size * seq_len
     progress = metrics.ProgressBar(config.train.num_steps, tokens_per_step=tokens_per_step) if primary else None
-    stop = _SigtermFlag()
-    config_json = config.to_dict()
+    reporter = train_log.StepReporter(config, model_config, writer, workdir, progress=progress, peak_tflops=peak,
+                                     process_index=jax.process_index())
     budget_s = config.train.time_budget_minutes * 60
     logging.info(
         "Training %s from step %d to %d on mesh %s.", model_config, first_step, config.train.num_steps, dict(mesh.shape)
     )
 
-    pending, last_time, started = None, time.perf_counter(), time.perf_counter()
-
-    def log_pending():
-        nonlocal pending, last_time
-        if pending is not None:
-            last_time = _log(writer, progress, pending, config, model_config, peak, last_time, tokens_per_step)
-            pending = None
+    started = time.perf_counter()
 
     def save(step_state):
         # A checkpoint covers its steps' metrics: a run resumed from it never logs them again.
-        log_pending()
+        reporter.finish()
         writer.flush()
-        ckpts.save(step_state, data_iter.get_state(), _json_safe(config_json), model_config)
+        ckpts.save(step_state, data_iter.get_state(), _json_safe(config_json), model_config, corpus)
 
-    step = first_step
-    while step < config.train.num_steps:
-        batch = _global(next(data_iter), batch_sharding, config.train.batch_size, accum)
-        state, step_metrics = train_step(state, batch)
-        step += 1
-        log_pending()  # fetched one step late: the device never waits for the host
-        pending = (step, step_metrics) if step % config.log.every_steps == 0 or step == config.train.num_steps else None
-        if config.eval.every_steps and step % config.eval.every_steps == 0:
-            eval_batches = eval_batches or evaluate.eval_batches(config, mesh, rules)
-            writer.write(
-                step,
-                evaluate.validation_loss(
-                    eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed
-                ),
-            )
-        out_of_time = budget_s and time.perf_counter() - started > budget_s
-        if step % config.checkpoint.every_steps == 0 or out_of_time:
-            save(state)
-        if stop.should_stop(ckpts.manager, step):
-            save(state)
-            ckpts.wait()
-            writer.close()
-            raise Preempted(f"Stopped by SIGTERM at step {step}; the checkpoint is saved, rerun to resume.")
-        if out_of_time:
-            logging.warning("train.time_budget_minutes=%s reached at step %d.", config.train.time_budget_minutes, step)
-            break
-    log_pending()
-    if progress:
-        progress.close()
-    save(state)
-    ckpts.wait()
+    def save_and_leave(message: str):
+        save(state)
+        ckpts.wait()
+        writer.close()
+        raise preemption.Preempted(message)
+
+    try:
+        step = first_step
+        while step < config.train.num_steps:
+            data_state = data_iter.get_state()  # where this step's batch starts, for the non-finite guard's message
+            batch = dict(next(data_iter))
+            bad_records = int(np.sum(batch.pop(pipeline.BAD_RECORDS_KEY, 0)))
+            batch = _global(fault_hooks.poison_batch(step + 1, batch), batch_sharding, config.train.batch_size, accum)
+            state, step_metrics = train_step(state, batch)
+            step += 1
+            reporter.add(step, step_metrics, data_state, bad_records)  # reports the step before: it is done by now
+            if config.eval.every_steps and step % config.eval.every_steps == 0:
+                eval_batches = eval_batches or heldout.eval_batches(config, mesh, rules)
+                writer.write(
+                    step,
+                    heldout.validation_loss(
+                        eval_step, state.params, eval_batches, config.eval.num_steps, config.eval.seed
+                    ),
+                )
+                if config.eval.tasks:  # shipped or JSONL tasks into metrics.jsonl and TensorBoard
+                    task_hook = task_hook or training_hook.TaskHook(config, model_config, mesh, rules)
+                    writer.write(step, task_hook(state.params))
+            out_of_time = budget_s and time.perf_counter() - started > budget_s
+            if step % config.checkpoint.every_steps == 0 or out_of_time:
+                save(state)
+            if stop.sigterm(ckpts.manager, step):
+                save_and_leave(f"Stopped by SIGTERM at step {step}; the checkpoint is saved, rerun to resume.")
+            if stop.out_of_job_time() and step < config.train.num_steps:
+                save_and_leave(stop.describe_limit(step))
+            if out_of_time:
+                logging.warning("train.time_budget_minutes=%s reached at step %d.", config.train.time_budget_minutes,
+                                step)
+                break
+        reporter.finish()
+        if progress:
+            progress.close()
+        save(state)
+        ckpts.wait()
+    except BaseException:  # the step being written still becomes a checkpoint; Orbax's threads stop
+        ckpts.close_after_failure()
+        raise
 
     result = {}
     if config.eval.final_num_steps:
-        eval_batches = eval_batches or evaluate.eval_batches(config, mesh, rules)
-        result = evaluate.recurrence_scaling(config, model, state.params, mesh, rules, eval_batches, eval_step)
-        evaluate.write_results(workdir, result)
+        eval_batches = eval_batches or heldout.eval_batches(config, mesh, rules)
+        result = heldout.recurrence_scaling(config, model, state.params, mesh, rules, eval_batches, eval_step)
+        report.write_results(workdir, result)
         if primary:
-            print(evaluate.format_table(result), flush=True)
-            print(f"Wrote {workdir / evaluate.SCALING_JSON} and {workdir / evaluate.SCALING_PNG}", flush=True)
+            print(report.format_table(result), flush=True)
+            print(f"Wrote {workdir / report.SCALING_JSON} and {workdir / report.SCALING_PNG}", flush=True)
     writer.close()
     ckpts.close()
     return result
 
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = checkpoint.TOKENIZER_FILE
 
 
 def _save_tokenizer(config, workdir: epath.Path) -> None:
-    """Copies the run's SentencePiece model to WORKDIR/tokenizer.model, where rdlm.generate finds it."""
+    """A starting run keeps its SentencePiece model as WORKDIR/tokenizer.model: the only one its resumes,
+    rdlm.generate and evaluation load. A file left by an earlier start that saved no checkpoint is replaced."""
+    if jax.process_index() != 0:
+        return
     tokenizer = pipeline.load_tokenizer(config)
-    path = workdir / TOKENIZER_FILE
-    if tokenizer is not None and jax.process_index() == 0 and not path.exists():
-        path.write_bytes(tokenizer.model_proto)
+    path = checkpoint.tokenizer_file(workdir)
+    if tokenizer is not None:
+        checkpoint.save_run_tokenizer(workdir, tokenizer)
+    elif path.exists():
+        logging.warning("Removing %s: it was left by an earlier start, and this run has no tokenizer.", path)
+        path.unlink()
+    source = pipeline.tokenizer_file(config)
+    if source and source.endswith(".json"):  # huginn's tokenizer.json (chat shards): generation and export find it
+        chat.copy_tokenizer_json(source, workdir)
+
+
+def _with_run_tokenizer(config, workdir: epath.Path):
+    """The config a resumed run reads its data with: `data.tokenizer` is the run's saved tokenizer, if any."""
+    path = checkpoint.tokenizer_file(workdir)
+    if not path.exists():
+        return config  # trained on bare ids
+    if config.data.tokenizer and config.data.tokenizer != str(path):
+        logging.warning("Resuming with the run's own tokenizer %s, not data.tokenizer=%s.", path, config.data.tokenizer)
+    config = config.copy_and_resolve_references()
+    config.data.tokenizer = str(path)
+    return config
+
+
+def _corpus(config) -> dict:
+    """What a checkpoint records of its data: the source and, for the built-in corpus, its fingerprint."""
+    source = config.data.source
+    fingerprint = pipeline.builtin_corpus(config).fingerprint if source == "builtin" else None
+    return {"source": source, "fingerprint": fingerprint}
+
+
+def _check_same_corpus(ckpts: checkpoint.Checkpoints, step: int, corpus: dict) -> None:
+    """A run resumes only on the built-in corpus it was trained on (another machine may have another stdlib)."""
+    saved = ckpts.corpus(step)
+    if saved is None:
+        logging.warning("Checkpoint %d stores no corpus fingerprint; the corpus cannot be checked.", step)
+        return
+    if saved["fingerprint"] is None or saved == corpus:
+        return
+    here = (
+        f"here it has fingerprint {corpus['fingerprint']}" if corpus["fingerprint"]
+        else f"this config reads data.source={corpus['source']!r}"
+    )
+    raise ValueError(
+        f"Refusing to resume: {ckpts.step_dir(step)} was trained on the built-in corpus with fingerprint "
+        f"{saved['fingerprint']}, but {here} (the code files, i.e. this interpreter's stdlib or "
+        "data.builtin.code_dir, or the data.builtin settings differ); resume where the corpus is the same, "
+        "or start a new --workdir."
+    )
 
 
 def _json_safe(value):
@@ -256,25 +278,6 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def _log(writer, progress, pending, config, model_config, peak, last_time, tokens_per_step) -> float:
-    step, values = pending
-    values = {k: float(v) for k, v in jax.device_get(values).items()}
-    if not np.isfinite(values["loss"]):
-        raise FloatingPointError(f"The loss became {values['loss']} at step {step}; lower optim.lr or check the data.")
-    now = time.perf_counter()
-    n = int(values["num_steps_no_grad"])
-    k = int(values["num_steps"]) - n
-    flops = metrics.model_flops_per_token(model_config, config.data.seq_len, n, k) * tokens_per_step
-    every = max(1, config.log.every_steps)
-    seconds = (now - last_time) / every
-    values.update(step_seconds=seconds, tokens_per_second=tokens_per_step / seconds)
-    values["mfu"] = flops / seconds / (peak * 1e12 * jax.device_count())
-    writer.write(step, values)
-    if progress:
-        progress.update(step, loss=values["loss"])
-    return now
 
 
 FLAGS = flags.FlagValues()
@@ -296,17 +299,36 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", -1, "This process's index (with --coordinator_address).", flag_values=FLAGS
 )
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Compile the train step from abstract shapes on the devices present, print its memory per device and "
+    "micro-batches as one JSON line, and exit; no data is read, no parameter allocated, nothing written.",
+    flag_values=FLAGS,
+)
 
 
 def main(argv):
     del argv
     maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DRY_RUN.value:
+        result = program_lib.dry_run(_CONFIG.value)
+        if jax.process_index() == 0:
+            print(json.dumps(result), flush=True)
+        return
+    if _WORKDIR.value is None:
+        cli.fail("--workdir is required, e.g. --workdir=runs/tiny.")
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except Preempted as e:
+    except preemption.Preempted as e:
         logging.warning("%s", e)
         sys.exit(0)
+    except OSError as e:
+        if not workdir_lib.is_disk_full(e):
+            raise
+        cli.fail(f"{workdir_lib.describe_disk_full(e)}; free some space and rerun the same command to resume "
+                 "from the newest complete checkpoint.")
 
 
 if __name__ == "__main__":
-    cli.run(main, FLAGS, usage=__doc__, required={"config": "configs/tiny.py", "workdir": "runs/tiny"})
+    cli.run(main, FLAGS, usage=__doc__, required={"config": "configs/tiny.py"})

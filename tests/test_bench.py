@@ -15,6 +15,7 @@ from jax.sharding import AxisType
 
 from rdlm import bench, metrics, perf
 from rdlm.model import ModelConfig, attention
+from rdlm.program import model_config_from
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -97,11 +98,27 @@ def test_one_compile_for_every_n_and_memory_independent_of_n(tmp_path):
     assert "compile s" in bench.format_sweep(rows)
 
 
-def test_generate_reports_speed_and_steps_per_token():
-    result = bench.bench_generate(small_config(), "kl:5e-4")
-    assert_positive_finite(result, ("new_tokens_per_s", "seconds", "compile_s", "mean_steps_per_token"))
-    assert 1 <= result["mean_steps_per_token"] <= 3
-    assert result["new_tokens"] == 4
+def test_generate_reports_speed_steps_and_agreement():
+    from rdlm import bench_generate
+
+    config = small_config()
+    config.bench.gen_prompts = 2
+    result = bench_generate.bench_generate(config, bench_generate.Variant(exit="kl:5e-4"), compare=True,
+                                           model_config=model_config_from(config))
+    assert_positive_finite(result, ("new_tokens_per_s", "cpu_new_tokens_per_s", "seconds", "compile_s",
+                                    "mean_steps_per_token", "speedup", "cpu_speedup"))
+    assert 1 <= result["mean_steps_per_token"] <= 3 and 0 <= result["agreement"] <= 1
+    assert result["new_tokens"] == 4 and result["prompts"] == 2 and result["check_every"] == 4
+    assert result["baseline"]["mean_steps_per_token"] == 3  # fixed depth
+    plain = bench_generate.bench_generate(config, bench_generate.Variant(), model_config=model_config_from(config))
+    assert plain["agreement"] == 1.0 and "speedup" not in plain and "exit" not in plain
+
+
+def _generate(config, **variant):
+    from rdlm import bench_generate
+
+    return bench_generate.bench_generate(config, bench_generate.Variant(**variant),
+                                         model_config=model_config_from(config))
 
 
 def _with(config, **bench_fields):
@@ -116,7 +133,13 @@ def _with(config, **bench_fields):
         (lambda c: bench.parse_num_steps("24"), "must be two non-negative integers N,K"),
         (lambda c: bench.parse_num_steps("a,8"), "must be two non-negative integers N,K"),
         (lambda c: bench.parse_num_steps("24,-1"), "must be two non-negative integers N,K"),
-        (lambda c: bench.bench_generate(_with(c, gen_repeats=0)), r"config.bench.gen_repeats=0 must be >= 1"),
+        (lambda c: _generate(_with(c, gen_repeats=0)), r"config.bench.gen_repeats=0 must be >= 1"),
+        (lambda c: _generate(_with(c, gen_prompts=3), batch=2), r"gen_prompts=3 must be a positive multiple of --batch=2"),
+        (lambda c: _generate(c, sampler="diffusion"), r"--sampler='diffusion' is not one of sequential"),
+        (lambda c: _generate(c, dtype="float16"), r"--dtype='float16' is not one of float32, bfloat16"),
+        (lambda c: _generate(c, sampler="parallel", exit="kl"), r"--exit works with --sampler=sequential"),
+        (lambda c: _generate(c, check_every=2), r"--check_every needs an --exit criterion"),
+        (lambda c: bench.parse_gen_steps("8,2"), r"--num_steps='8,2' must be one integer >= 1 for generate"),
     ],
 )
 def test_bad_arguments_get_one_clear_sentence(call, message):

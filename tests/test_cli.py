@@ -9,7 +9,7 @@ import pytest
 
 from rdlm import cli
 
-ENTRY_POINTS = ("rdlm.train", "rdlm.generate", "rdlm.bench", "rdlm.memory_plan", "rdlm.data.prepare")
+ENTRY_POINTS = ("rdlm.train", "rdlm.generate", "rdlm.bench", "rdlm.memory_plan", "rdlm.data.prepare", "rdlm.interop.convert")
 
 
 def test_entry_points_import_together_with_their_own_flags():

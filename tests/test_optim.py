@@ -288,3 +288,43 @@ def test_update_clipping_is_per_layer_for_stacked_params():
         _, s = tx.update(single, s)
         alone, _ = tx.update({"w": jnp.asarray(g2[layer])}, s)
         np.testing.assert_allclose(stacked_update["layers"]["w"][layer], alone["w"], rtol=1e-6)
+
+
+def test_frozen_params_stay_bit_identical_and_the_rest_train_as_alone():
+    """optim.freeze: frozen leaves get exact zero updates; the trained ones follow the optimizer run on them alone
+    (the gradient clip and the moments see only the trained parameters)."""
+    params = jax.tree.map(jnp.asarray, fake_params())
+    freeze = r"^prelude_0/attn/,^wte/"
+    tx = optim.make_optimizer(make_config(freeze=freeze))
+    labels = optim.freeze_labels(params, freeze)
+    assert labels["wte"]["embedding"] == labels["prelude_0"]["attn"]["qk_bias"] == "frozen"
+    assert labels["prelude_0"]["norm_1"]["scale"] == labels["adapter"]["kernel"] == "trained"
+    trained = {"prelude_0": {"norm_1": params["prelude_0"]["norm_1"]}, "adapter": params["adapter"], "ln_f": params["ln_f"]}
+    alone = optim.make_optimizer(make_config())
+    state, alone_state, p, q = tx.init(params), alone.init(trained), params, trained
+    update, update_alone = jax.jit(tx.update), jax.jit(alone.update)
+    for step in range(4):
+        grads = jax.tree.map(jnp.asarray, fake_grads(fake_params(), step))
+        updates, state = update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+        sub = {"prelude_0": {"norm_1": grads["prelude_0"]["norm_1"]}, "adapter": grads["adapter"], "ln_f": grads["ln_f"]}
+        sub_updates, alone_state = update_alone(sub, alone_state, q)
+        q = optax.apply_updates(q, sub_updates)
+    for path in (("wte", "embedding"), ("prelude_0", "attn", "qk_bias"), ("prelude_0", "attn", "qkv", "kernel")):
+        after, before = p, params
+        for key in path:
+            after, before = after[key], before[key]
+        assert np.asarray(after).tobytes() == np.asarray(before).tobytes(), path  # bit-identical
+    assert not np.array_equal(p["adapter"]["kernel"], params["adapter"]["kernel"])
+    np.testing.assert_allclose(p["adapter"]["kernel"], q["adapter"]["kernel"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(p["prelude_0"]["norm_1"]["scale"], q["prelude_0"]["norm_1"]["scale"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("freeze, message", [
+    ("nothing_here", r"optim.freeze: 'nothing_here' matches no parameter; use prelude, core, coda, embedding or a regex"),
+    ("(", r"optim.freeze: '\(' is not a valid regular expression"),
+    (".", r"optim.freeze='.' freezes every parameter; leave some to train."),
+])
+def test_freeze_errors_are_one_sentence(freeze, message):
+    with pytest.raises(ValueError, match=message):
+        optim.freeze_labels(fake_params(), freeze)

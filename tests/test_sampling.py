@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdlm import checkpoint_io, generate as generate_cli
+import huginn_tokenizer
+from rdlm import checkpoint_io, cli, generate as generate_cli, orbax_steps
 from rdlm.interop import huginn, safetensors_io
 from rdlm.model import RecurrentLM
-from rdlm.sampling import SamplerOptions, decode, generate, logits, text
+from rdlm.sampling import KVCache, SamplerOptions, decode, generate, logits, precision, text
 
 NEW = 12
 
@@ -54,6 +55,64 @@ def test_second_call_does_not_recompile(tiny):
     other = greedy(config, params, exp["input_ids"][1:2, 3:11], 2, stop_tokens=[7, 9])
     assert (sampler.decode._cache_size(), decode.prefill._cache_size()) == before
     assert np.asarray(other.tokens).shape == (1, 8 + NEW)
+    greedy(config, params, exp["input_ids"][:1, :8], 8, exit_criterion="kl", exit_threshold=0.1, check_every=2)
+    kl = decode.cached_sampler(config, SamplerOptions.build(num_steps=8, init_scale=0.0, exit_criterion="kl").static())
+    assert kl.decode._cache_size() == 1
+    greedy(config, params, exp["input_ids"][1:2, 3:11], 8, exit_criterion="kl", exit_threshold=0.01, check_every=1,
+           min_steps=1)  # threshold, check_every and min_steps are knobs: the same program
+    assert kl.decode._cache_size() == 1
+
+
+def _program_size(config, params, prompt, options: SamplerOptions) -> int:
+    """Lines of the decode loop's StableHLO for these options (the program XLA compiles)."""
+    sampler = decode.Sampler(config, options)
+    knobs = options.knobs()
+    ids, lengths = np.asarray(prompt, np.int32)[None], np.asarray([len(prompt)], np.int32)
+    state = jax.eval_shape(lambda: sampler.prefill(params, knobs, ids, lengths, jax.random.key(0), max_new_tokens=4))
+    return len(sampler.decode.lower(params, knobs, state).as_text().splitlines())  # traced, not compiled
+
+
+@pytest.mark.parametrize("exit_criterion", [None, "kl", "latent-diff"])
+def test_the_compiled_program_does_not_grow_with_num_steps(tiny, exit_criterion):
+    """The iterations run in a while loop: the program for r = 32 is the one for r = 4, so compile time and
+    memory do not depend on r."""
+    config, params, exp = tiny
+    prompt = exp["input_ids"][0, :8]
+    sizes = {r: _program_size(config, params, prompt, SamplerOptions.build(num_steps=r, init_scale=0.0,
+                                                                         exit_criterion=exit_criterion))
+             for r in (4, 32)}
+    assert sizes[4] == sizes[32], sizes
+
+
+def test_bfloat16_inference_agrees_with_float32(tiny):
+    """Weights and activations in bf16: logits within 2.5% of the reference's float32 ones and the same argmax at
+    (nearly) every position; the bf16 cache (stored as uint16 bits) reads back what was written."""
+    config, params, exp = tiny
+    bf_config, bf_params = precision.with_dtype(config, params, "bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(bf_params)} == {jnp.dtype(jnp.bfloat16)}
+    forward = jax.jit(lambda p, x: RecurrentLM(bf_config).apply({"params": p}, x, num_steps=4, init_scale=0.0).logits)
+    logits = forward(bf_params, exp["input_ids"])
+    reference = exp["logits_zero_init_r4"]
+    error = np.abs(np.asarray(logits) - reference).max()
+    assert 1e-3 < error < 0.025 * np.abs(reference).max(), error  # bf16 for real, and close
+    assert np.mean(np.argmax(logits, axis=-1) == np.argmax(reference, axis=-1)) >= 0.9
+    cache = KVCache.create(bf_config, 2, 8, 3)
+    L, H, K = config.n_layers_in_recurrent_block, config.n_heads, config.head_dim
+    kv = tuple(jnp.asarray(np.random.default_rng(i).normal(size=(L, 2, 1, H, K)), jnp.bfloat16) for i in (0, 1))
+    cache = cache.write_core(1, kv, jnp.asarray([[2], [5]]))
+    keys, values = cache.core_slot(1)
+    assert keys[0].dtype == jnp.bfloat16 and cache.core[0].dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(keys[0][0, :, :, 2], np.float32), np.asarray(kv[0][0, 0, 0], np.float32))
+    np.testing.assert_array_equal(np.asarray(values[0][1, :, 5], np.float32), np.asarray(kv[1][0, 1, 0], np.float32))
+    with pytest.raises(ValueError, match="dtype='float16' is not one of float32, bfloat16"):
+        precision.with_dtype(config, params, "float16")
+
+
+@pytest.mark.slow
+def test_bfloat16_greedy_equals_float32_greedy_on_the_fixture(tiny):
+    config, params, exp = tiny
+    out = greedy(*precision.with_dtype(config, params, "bfloat16"), exp["input_ids"][:1, :8], 8)
+    np.testing.assert_array_equal(out.tokens, exp["greedy_r8"])
 
 
 @pytest.mark.parametrize(
@@ -102,23 +161,11 @@ def test_token_filters():
     assert set(np.asarray(draws).tolist()) == {0, 1, 2}
 
 
-def _tiny_hf_tokenizer(path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    specials = list(text.HUGINN_SPECIALS.values())
-    vocab = {f"w{i}": i for i in range(500)} | {s: 500 + i for i, s in enumerate(specials)} | {"[UNK]": 506}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(specials)
-    tok.decoder = decoders.WordPiece()
-    tok.save(str(path))
-
-
 def test_cli_generates_from_an_hf_directory(tiny, huginn_tiny_dir, tmp_path):
     config, params, exp = tiny
     hf = tmp_path / "hf"
     shutil.copytree(huginn_tiny_dir / "checkpoint", hf)
-    _tiny_hf_tokenizer(hf / "tokenizer.json")
+    huginn_tokenizer.write(hf / "tokenizer.json")
     codec = text.load_codec(hf)
     assert codec.stop_ids == (500, 501, 504) and codec.pad_id == 505 and codec.bos_id == 500
     chat = [500, 502, 506, 503, 7, 8, 504, 502, 506, 503]  # "user" and "Huginn" are unknown words here
@@ -137,29 +184,39 @@ def test_tokenizer_is_found_for_workdirs_and_step_dirs(tiny, tmp_path):
 
     config, params, _ = tiny
     workdir = tmp_path / "run"
-    checkpoint_io.save_params(workdir / checkpoint_io.CHECKPOINTS_SUBDIR / "5", config, params)
+    orbax_steps.save_params(workdir / orbax_steps.CHECKPOINTS_SUBDIR / "5", config, params)
     corpus = [f"def f{i}(x):\n    return x * {i}\n" for i in range(300)]
     train_tokenizer(corpus, vocab_size=300).save(workdir / "tokenizer.model")
-    for directory in (workdir, workdir / checkpoint_io.CHECKPOINTS_SUBDIR / "5"):
+    for directory in (workdir, workdir / orbax_steps.CHECKPOINTS_SUBDIR / "5"):
         assert text.tokenizer_path(directory) == workdir / "tokenizer.model"
         codec = text.load_codec(directory)
-        assert codec.prompt_ids("return x")[0] == codec.bos_id == 1 and codec.stop_ids == (2,)
+        assert codec.prompt_ids("return x")[0] == codec.bos_id == 1 and codec.stop_ids == (2, 6)  # </s>, <|end_turn|>
         assert codec.decode(codec.prompt_ids("return x")[1:]) == "return x"
-    with pytest.raises(ValueError, match="--chat needs"):
-        codec.prompt_ids("hi", chat=True)
+    chat = codec.prompt_ids("hi", chat=True)  # rdlm's SentencePiece models have huginn's chat tokens (ids 4-6)
+    assert chat[:2] == [1, 4] and chat.count(5) == 2 and chat.count(6) == 1 and codec.decode(chat) == "user\n\nhiHuginn\n\n"
+    import io
+
+    import sentencepiece as spm
+
+    plain = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=plain, vocab_size=60, minloglevel=2)
+    (workdir / "tokenizer.model").write_bytes(plain.getvalue())
+    with pytest.raises(ValueError, match="--chat needs a tokenizer with huginn's chat tokens: The tokenizer .* has no"):
+        text.load_codec(workdir).prompt_ids("hi", chat=True)
     loaded, _ = checkpoint_io.load_params(workdir)
     assert loaded == config
 
 
-def test_cli_reports_bad_input_in_one_line(huginn_tiny_dir):
+def test_cli_reports_bad_input_in_one_line(huginn_tiny_dir, capsys):
     argv = ["rdlm.generate", f"--checkpoint={huginn_tiny_dir / 'checkpoint'}", "--prompt=x", "--exit=bogus:1"]
     generate_cli.FLAGS(argv)
     try:
         with pytest.raises(SystemExit) as exit_:
-            generate_cli.main(argv[:1])
+            cli.expected_failures(generate_cli.main)(argv[:1])  # what cli.run wraps main in
     finally:
         generate_cli.FLAGS.unparse_flags()
-    assert str(exit_.value.code) == (
-        "rdlm.generate: Unknown exit_criterion 'bogus'; choose one of ('kl', 'minp-kl', 'entropy-diff', "
-        "'latent-diff', 'cosine', 'argmax-stability') or None."
+    assert exit_.value.code == cli.USAGE_ERROR
+    assert capsys.readouterr().err == (
+        "error: Unknown exit_criterion 'bogus'; choose one of ('kl', 'minp-kl', 'entropy-diff', "
+        "'latent-diff', 'cosine', 'argmax-stability') or None.\n"
     )

@@ -52,21 +52,31 @@ def test_parallel_with_a_window_of_one_is_sequential_decoding(tiny, reference):
     assert int(out.passes) == NEW
 
 
-def test_parallel_sampler_runs_and_its_agreement_is_measured(tiny, reference):
+def test_parallel_sampler_runs_every_option_within_its_bounds(tiny):
+    """On this random model the latent hardly converges, so agreement is asserted on a trained one
+    (test_sampling_trained.py); here: valid tokens, iterations within [inner_steps, R], fewer passes than
+    sequential decoding would need."""
     config, params, exp, prompts = tiny
-    out = generate_parallel(config, params, prompts, max_new_tokens=NEW, num_steps=R, inner_steps=2,
-                            init_scale=0.0)
+    fields = dict(inner_steps=2, window=None, commit="last", headway=2, ema_embeds=0.1, state_noise=0.5)
+    out = generate_parallel(config, params, prompts, max_new_tokens=NEW, num_steps=R, init_scale=0.0, **fields)
     tokens, steps = np.asarray(out.tokens), np.asarray(out.steps_per_token)
-    agreement = []
     for b, prompt in enumerate(prompts):
         n = len(prompt)
         new = tokens[b, n : n + NEW]
-        sequential = np.asarray(reference.generate(prompt, NEW, R)[0][n:])
         assert new.shape == (NEW,) and ((0 <= new) & (new < config.vocab_size)).all()
-        agreement.append(np.mean(new == sequential))
-        if steps[b, 0] == R:  # position 0 depends on nothing in flight: sequential with one KV slot
-            assert new[0] == reference.generate(prompt, 1, R, share=1)[0][n]
-    assert ((2 <= steps) & (steps <= R)).all()
+    # A position whose input token changed keeps iterating past num_steps until it is fed its final token.
+    assert ((2 <= steps) & (steps <= 2 * R)).all()
     assert NEW <= int(out.passes) < NEW * R // 2  # fewer passes than sequential iterations / inner_steps
-    print(f"parallel: {int(out.passes)} passes of 2 iterations for {NEW} tokens; "
-          f"agreement {np.round(agreement, 3)}")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(inner_steps=9), r"inner_steps=9 must be an int in \[1, num_steps=8\]"),
+    (dict(window=0), "window=0 must be an int >= 1"),
+    (dict(commit="first"), "commit='first' is not one of"),
+    (dict(ema_embeds=1.0), r"ema_embeds=1.0 must be a float in \[0, 1\)"),
+    (dict(headway=0), "headway=0 must be an int >= 1"),
+])
+def test_parallel_settings_are_checked(tiny, fields, message):
+    config, params, _, prompts = tiny
+    with pytest.raises(ValueError, match=message):
+        generate_parallel(config, params, prompts, max_new_tokens=2, num_steps=R, **fields)

@@ -1,6 +1,7 @@
 """A slow, independent reference for rdlm.sampling (imported by the sampling tests; holds no tests).
 
-Batch 1, greedy. The prompt but its last token is one block at full depth; after that one token at a
+Batch 1, greedy. KL exit is checked after iterations max(min_steps, 1) + j * check_every, against the
+distribution of the previous check. The prompt but its last token is one block at full depth; after that one token at a
 time, with every KV entry kept in a dict keyed by (iteration, position) and read with the
 reference's lookup: a token that ran e iterations is read at min(i, e - 1) (`latest-m4`), and with
 KV sharing iteration i reads what its slot holds at the end, the last iteration i' < r with
@@ -54,7 +55,7 @@ class ReferenceDecoder:
         return float(np.sum(np.exp(prev) * (prev - logp))) < threshold, logp
 
     def generate(self, prompt, max_new: int, r: int, *, share=None, kl_threshold=None, min_steps=0,
-                 continuous=False):
+                 continuous=False, check_every=1):
         cfg, T, V = self.config, self.T, self.config.vocab_size
         tokens = [int(t) for t in prompt]
         P = len(tokens) - 1
@@ -93,10 +94,11 @@ class ReferenceDecoder:
                 state, kv = self._iterate(state, e, pos, seg, self._past(picked, before), mask)
                 kv = _np(kv)
                 core[(i, p)], n = (kv[0][:, 0, 0], kv[1][:, 0, 0]), i + 1
-                if kl_threshold is not None:
+                first = max(min_steps, 1)  # checks after iterations first, first + check_every, ...
+                if kl_threshold is not None and n >= first and (n - first) % check_every == 0:
                     logits, _, _ = self._decode(state, pos, seg, self._past(coda, before), mask)
                     stop, prev = self._kl_exit(logits[0, -1], prev, kl_threshold)
-                    if stop and n >= max(min_steps, 1):
+                    if stop:
                         break
             ran[p] = n
             logits, _, kv = self._decode(state, pos, seg, self._past(coda, before), mask)

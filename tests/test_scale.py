@@ -11,34 +11,23 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import train_config
 from rdlm import checkpoint, metrics, optim, sharding, state as state_lib
 from rdlm.model import RecurrentLM
-from rdlm.train import model_config_from, train_and_evaluate
+from rdlm.program import model_config_from
+from rdlm.train import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
+# (2, 2, 2) splits data, parameters and heads at once; the pure data and pure fsdp meshes run under slow.
+MESHES = [pytest.param((8, 1, 1), marks=pytest.mark.slow), pytest.param((1, 8, 1), marks=pytest.mark.slow), (2, 2, 2)]
 
 
 def _tiny(cache_dir, **overrides):
-    sys.path.insert(0, str(REPO))
-    from configs import tiny
-
-    config = tiny.get_config()
-    config.data.cache_dir = str(cache_dir)
-    config.train.num_steps = 5
-    config.train.batch_size = 16
-    config.log.every_steps = 1
-    config.optim.schedule = "warmup_constant"
-    config.optim.warmup_steps = 2
-    config.log.peak_tflops = 1.0
-    config.checkpoint.every_steps = 1000
-    config.checkpoint.async_save = False
-    config.eval.every_steps = 0
-    config.eval.final_num_steps = ()
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    return config
+    """The tests' small model and data sliver (tests/train_config.py), five steps of batch 16."""
+    return train_config.small_config(cache_dir, **{
+        "train.num_steps": 5, "train.batch_size": 16, "checkpoint.every_steps": 1000, "eval.final_num_steps": (),
+        **overrides,
+    })
 
 
 def _losses(workdir):

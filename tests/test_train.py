@@ -1,6 +1,7 @@
 """Training end to end: files that must exist and read back, exact resume, init_from, clear errors."""
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 import train_config
-from rdlm import checkpoint_io, metrics
+from rdlm import checkpoint, checkpoint_io, metrics
+from rdlm.data import builtin, pipeline
 from rdlm.train import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -36,7 +38,7 @@ def _losses(workdir) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in metrics.read_metrics(workdir) if "loss" in row}
 
 
-def test_run_writes_checkpoint_metrics_tensorboard_and_results(full_run):
+def test_run_writes_checkpoint_metrics_tensorboard_and_results(full_run, cache_dir):
     workdir, result = full_run
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
     config, params = checkpoint_io.load_params(workdir)
@@ -52,7 +54,14 @@ def test_run_writes_checkpoint_metrics_tensorboard_and_results(full_run):
     assert saved == json.loads(json.dumps(result))
     assert all(0.0 <= a <= 1.0 for a in saved["accuracy"])
     assert (workdir / "recurrence_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (workdir / "tokenizer.model").stat().st_size > 1000
+    # The run keeps the tokenizer it trained with, and each checkpoint the fingerprint of its corpus.
+    config = train_config.small_config(cache_dir)
+    trained_with = pipeline.load_tokenizer(config)
+    assert checkpoint.load_run_tokenizer(workdir).model_proto == trained_with.model_proto
+    assert (workdir / "tokenizer.model").read_bytes() == trained_with.model_proto
+    saved = checkpoint.Checkpoints(workdir, keep=3).corpus(6)
+    assert saved["source"] == "builtin" and len(saved["fingerprint"]) == 16
+    assert saved["fingerprint"] == pipeline.builtin_corpus(config).fingerprint
 
 
 def test_resume_sees_the_same_batches_and_losses(full_run, tmp_path, cache_dir):
@@ -61,7 +70,8 @@ def test_resume_sees_the_same_batches_and_losses(full_run, tmp_path, cache_dir):
     train_and_evaluate(first, str(tmp_path))
     # A half-written step (what a kill during a save leaves) must never be taken for a complete one.
     (tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-123").mkdir()
-    second = train_config.small_config(cache_dir, **{"eval.final_num_steps": ()})
+    # A resume reads its data with the run's saved tokenizer only: this config would train another one.
+    second = train_config.small_config(cache_dir, **{"eval.final_num_steps": (), "data.builtin.vocab_size": 400})
     train_and_evaluate(second, str(tmp_path))
     resumed = _losses(tmp_path)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
@@ -84,6 +94,8 @@ def test_init_from_loads_params_only(full_run, tmp_path, cache_dir):
     [
         ({"data.source": "arrayrecord", "data.paths": "/no/such/*.arrayrecord"}, FileNotFoundError, "matches no file"),
         ({"train.batch_size": 6}, ValueError, r"train.batch_size / train.grad_accum_steps=6 does not divide over the data axes"),
+        ({"train.per_device_batch": 3}, ValueError,
+         r"^train.batch_size=8 is not a multiple of train.per_device_batch=3 x 8 data-parallel devices = 24; "),
         ({"model.vocab_size": 256}, ValueError, "The tokenizer has 448 tokens but model.vocab_size is 256"),
         ({"mesh.shape": (3, 1, 1)}, ValueError, r"mesh.shape=\(3, 1, 1\) has 3 devices but 8 are present"),
         ({"mesh.rules": (("activation_batch", "nope"),)}, ValueError, "maps 'activation_batch' to mesh axis 'nope'"),
@@ -126,25 +138,6 @@ def _wait_for_step(workdir, step, proc, timeout=300):
 
 
 @pytest.mark.slow
-def test_sigkill_between_checkpoints_then_resume(tmp_path, cache_dir):
-    straight = tmp_path / "straight"
-    args, env = _cli(straight, cache_dir, "--config.train.num_steps=12")
-    subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
-    killed = tmp_path / "killed"
-    args, env = _cli(killed, cache_dir, "--config.train.num_steps=12")
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(killed, 6, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "checkpoints" / "12").exists()
-    subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
-    expected, got = _losses(straight), _losses(killed)
-    assert sorted(got) == list(range(1, 13))
-    for step in range(1, 13):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
-
-
-@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path, cache_dir):
     args, env = _cli(tmp_path, cache_dir, "--config.train.num_steps=100000", "--config.checkpoint.every_steps=2")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -158,15 +151,53 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache_dir):
     shutil.rmtree(tmp_path / "checkpoints")
 
 
-def test_gradient_accumulation_matches_one_large_batch(tmp_path, cache_dir):
-    """Two micro-batches of 8 rows give the update of one batch of 16 (zero initial state, same r)."""
+def test_gradient_accumulation_matches_one_large_batch(tmp_path, cache_dir, caplog):
+    """Two micro-batches of 8 rows give the update of one batch of 16 (zero initial state, same r); the two come
+    from train.per_device_batch = 1 on 8 devices."""
     overrides = {"train.num_steps": 3, "train.batch_size": 16, "eval.final_num_steps": (), "recurrence.init_scale": 0.0,
                  "checkpoint.every_steps": 100}
     train_and_evaluate(train_config.small_config(cache_dir, **overrides), str(tmp_path / "one"))
-    accumulated = train_config.small_config(cache_dir, **overrides, **{"train.grad_accum_steps": 2})
-    train_and_evaluate(accumulated, str(tmp_path / "two"))
+    accumulated = train_config.small_config(cache_dir, **overrides, **{"train.per_device_batch": 1})
+    with caplog.at_level(logging.INFO):
+        train_and_evaluate(accumulated, str(tmp_path / "two"))
+    assert (
+        "train.grad_accum_steps=2 (derived from train.per_device_batch=1): 16 sequences per step in 2 micro-batch(es) "
+        "of 8, 1 per device on 8 data-parallel device(s)." in caplog.messages
+    )
     np.testing.assert_allclose(list(_losses(tmp_path / "two").values()), list(_losses(tmp_path / "one").values()), rtol=2e-5)
     _, one = checkpoint_io.load_params(tmp_path / "one")
     _, two = checkpoint_io.load_params(tmp_path / "two")
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
         np.testing.assert_allclose(a, b, rtol=0, atol=5e-5)  # Adam amplifies float noise on tiny gradients
+
+
+def test_resume_on_another_builtin_corpus_is_refused(full_run, tmp_path, cache_dir):
+    """The saved run trained on this interpreter's stdlib; its resume points the code documents at another
+    directory of real files (as another Python's stdlib would be) and is refused before anything is restored."""
+    workdir = tmp_path / "run"
+    shutil.copytree(full_run[0], workdir)
+    stdlib = builtin.code_root(builtin.BuiltinSpec.from_config(train_config.small_config(cache_dir).data))
+    code = tmp_path / "code"
+    for name in ("json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py"):
+        (code / name).parent.mkdir(parents=True, exist_ok=True)
+        (code / name).write_bytes((stdlib / name).read_bytes())
+    saved = checkpoint.Checkpoints(workdir, keep=3).corpus(6)["fingerprint"]
+    resumed = train_config.small_config(cache_dir, **{"data.builtin.code_dir": str(code), "train.num_steps": 9})
+    with pytest.raises(ValueError) as refused:
+        train_and_evaluate(resumed, str(workdir))
+    # What the resume saw: the other directory's files, tokenized with the run's saved tokenizer.
+    here = pipeline.builtin_corpus(
+        train_config.small_config(
+            cache_dir, **{"data.builtin.code_dir": str(code), "data.tokenizer": str(workdir / "tokenizer.model")}
+        )
+    ).fingerprint
+    assert here != saved
+    assert str(refused.value) == (
+        f"Refusing to resume: {workdir / 'checkpoints' / '6'} was trained on the built-in corpus with fingerprint "
+        f"{saved}, but here it has fingerprint {here} (the code files, i.e. this interpreter's stdlib or "
+        "data.builtin.code_dir, or the data.builtin settings differ); resume where the corpus is the same, "
+        "or start a new --workdir."
+    )
+    # Nothing saved is lost.
+    assert checkpoint.Checkpoints(workdir, keep=3).latest_step() == 6
+    assert (workdir / "tokenizer.model").read_bytes() == (full_run[0] / "tokenizer.model").read_bytes()

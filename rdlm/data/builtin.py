@@ -1,12 +1,18 @@
 """The built-in corpus, needing no download: stdlib Python sources mixed with reasoning problems.
 
-Code documents are the running interpreter's standard library `.py` files (no `test/`, `tests/` or
-site-packages); a stable hash of each file's relative path holds out a fixed share for validation.
+Code documents are the `.py` files under `data.builtin.code_dir`, by default the running interpreter's
+standard library (no `test/`, `tests/` or site-packages); a stable hash of each file's relative path
+holds out a fixed share for validation.
 Task documents are problems from `rdlm.data.tasks`, formatted as prompt then answer, added until
 they make up `task_fraction` of the training tokens (counting BOS and EOS). Held-out problems use
 another seed, and training drops problems whose prompt is held out (where the problem space allows
-it). A SentencePiece tokenizer is trained on a sample of both and cached under `data.cache_dir`,
-keyed by a hash of its training text.
+it). The documents are tokenized with `data.tokenizer` when it is set (a resumed run sets it to
+its own saved tokenizer); otherwise a SentencePiece tokenizer is trained on a sample of both and
+cached under `data.cache_dir`, keyed by a hash of its training text.
+
+The corpus therefore depends on the machine: another Python version has another stdlib. Its
+`fingerprint` (a hash of every tokenized document, train and held-out, in order) is stored in each
+checkpoint, and `rdlm.train` refuses to resume a run on a corpus with another fingerprint.
 """
 
 import collections
@@ -15,14 +21,14 @@ import functools
 import hashlib
 import importlib
 import math
-import os
-import pathlib
 import sysconfig
 import zlib
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from rdlm import storage
 from rdlm.data import config as config_lib
 from rdlm.data import tokenizer as tokenizer_lib
 
@@ -47,6 +53,8 @@ class BuiltinSpec:
     heldout_problems: int
     code_max_mb: float
     tokenizer_train_mb: float
+    code_dir: str  # '' = the interpreter's stdlib
+    tokenizer: str  # data.tokenizer: '' = train one (or load it from the cache)
 
     @classmethod
     def from_config(cls, data_config) -> "BuiltinSpec":
@@ -67,6 +75,7 @@ class BuiltinSpec:
             heldout_code_percent=float(b.heldout_code_percent),
             heldout_problems=int(b.heldout_problems),
             code_max_mb=float(b.code_max_mb), tokenizer_train_mb=float(b.tokenizer_train_mb),
+            code_dir=str(b.get("code_dir", "")), tokenizer=str(data_config.get("tokenizer", "")),
         )
 
 
@@ -79,16 +88,30 @@ class BuiltinCorpus:
     eval_docs: list[Any]
     code_tokens: int
     task_tokens: int
+    fingerprint: str  # hex digest of every document, train and held-out, in order
 
 
-def stdlib_files() -> list[pathlib.Path]:
-    """Returns the interpreter's stdlib `.py` files, sorted, without test dirs or site-packages."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for folder, subdirs, names in os.walk(root):
-        subdirs[:] = [d for d in subdirs if d not in _EXCLUDED_DIRS]
-        files += [pathlib.Path(folder, n) for n in names if n.endswith(".py")]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+def code_root(spec: BuiltinSpec) -> epath.Path:
+    """The directory the code documents come from: `data.builtin.code_dir`, or the interpreter's stdlib."""
+    if not spec.code_dir:
+        return epath.Path(sysconfig.get_paths()["stdlib"])
+    root = storage.path(spec.code_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data.builtin.code_dir={spec.code_dir!r} is not a directory; give a directory of .py files "
+            "or '' for this interpreter's standard library."
+        )
+    return root
+
+
+def code_files(root: epath.Path) -> list[str]:
+    """The `.py` files under `root` as sorted relative paths, without test dirs or site-packages."""
+    names = []
+    for folder, subdirs, files in root.walk():
+        subdirs[:] = sorted(d for d in subdirs if d not in _EXCLUDED_DIRS)
+        prefix = folder.relative_to(root).as_posix()
+        names += [n if prefix == "." else f"{prefix}/{n}" for n in files if n.endswith(".py")]
+    return sorted(names)
 
 
 def _stable_hash(text: str) -> int:
@@ -96,20 +119,28 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
+def _read_code(path: epath.Path) -> str:
+    """A source file as text (undecodable bytes replaced, newlines as text mode reads them)."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def code_texts(spec: BuiltinSpec) -> tuple[list[str], list[str]]:
-    """Returns (train, held-out) stdlib file texts; training keeps at most `code_max_mb`."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    names = [p.relative_to(root).as_posix() for p in stdlib_files()]
+    """Returns (train, held-out) code file texts; training keeps at most `code_max_mb`."""
+    root = code_root(spec)
+    names = code_files(root)
+    if not names:
+        raise ValueError(f"data.builtin.code_dir={str(root)!r} holds no .py files; point it at Python sources.")
     # A stable pseudo-random order, so that a size cap takes files from the whole library.
     names.sort(key=lambda n: (_stable_hash(n), n))
     train, heldout, budget = [], [], spec.code_max_mb * 1e6 or math.inf
     for name in names:
         path = root / name
         if _stable_hash(name) % 10_000 < spec.heldout_code_percent * 100:
-            heldout.append(path.read_text(encoding="utf-8", errors="replace"))
-        elif budget >= path.stat().st_size:
-            train.append(path.read_text(encoding="utf-8", errors="replace"))
-            budget -= path.stat().st_size
+            heldout.append(_read_code(path))
+        elif budget >= (size := path.stat().length):
+            train.append(_read_code(path))
+            budget -= size
     return train, heldout
 
 
@@ -198,19 +229,37 @@ def _tokenizer_text(spec: BuiltinSpec, code: list[str], samples: dict[str, list]
 
 
 def cached_tokenizer(spec: BuiltinSpec, texts: list[str], cache_dir: str):
-    """Trains the tokenizer on `texts`, or loads it from the cache if this exact text was seen."""
-    key = hashlib.sha256(f"{spec.vocab_size}|{tokenizer_lib.INDENT_PIECES}".encode())
+    """Trains the tokenizer on `texts`, or loads it from the cache (local or gs://) if this exact text was seen."""
+    key = hashlib.sha256(f"{spec.vocab_size}|{tokenizer_lib.USER_PIECES}".encode())
     for text in texts:
         key.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
-    path = os.path.join(os.path.expanduser(cache_dir), f"builtin-{key.hexdigest()[:16]}.model")
-    if os.path.isfile(path):
+    path = storage.path(cache_dir) / f"builtin-{key.hexdigest()[:16]}.model"
+    if storage.exists(path):
         return tokenizer_lib.Tokenizer.from_file(path)
     tok = tokenizer_lib.train_tokenizer(texts, spec.vocab_size)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)  # Atomic, so concurrent processes never read half a file.
+    storage.makedirs(path.parent)
+    tok.save(path)  # an atomic write: concurrent processes never read half a file
     return tok
+
+
+def _tokenizer(spec: BuiltinSpec, code: list[str], samples: dict, cache_dir: str) -> tokenizer_lib.Tokenizer:
+    """`data.tokenizer` if set, else the one trained for this corpus (or its cached copy)."""
+    if spec.tokenizer:
+        return tokenizer_lib.Tokenizer.from_file(spec.tokenizer)
+    return cached_tokenizer(spec, _tokenizer_text(spec, code, samples), cache_dir)
+
+
+def fingerprint(train_docs: list, eval_docs: list) -> str:
+    """A hash of the documents exactly as training and evaluation see them (ids, loss masks, order)."""
+    digest = hashlib.sha256(b"rdlm builtin corpus v1")
+    for split, docs in ((b"train", train_docs), (b"eval", eval_docs)):
+        digest.update(split + len(docs).to_bytes(8, "little"))
+        for doc in docs:
+            ids = doc["ids"] if isinstance(doc, dict) else doc
+            digest.update(len(ids).to_bytes(8, "little") + np.asarray(ids, "<i4").tobytes())
+            if isinstance(doc, dict):
+                digest.update(b"mask" + np.packbits(np.asarray(doc["loss_mask"], bool)).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _task_documents(tok, spec: BuiltinSpec, samples: dict, heldout: dict, budget: float) -> list:
@@ -231,22 +280,35 @@ def _task_documents(tok, spec: BuiltinSpec, samples: dict, heldout: dict, budget
     return docs
 
 
+def _eval_documents(spec: BuiltinSpec, tok: tokenizer_lib.Tokenizer, code_eval: list[str]) -> list:
+    """The validation documents: held-out code files, then the held-out problems of every task."""
+    docs = [np.asarray(ids, np.int32) for ids in tok.encode_batch(code_eval)]
+    if _task_names(spec):
+        docs += encode_problems(tok, [p for ps in _heldout(spec).values() for p in ps], spec.mask_prompt)
+    return docs
+
+
+def eval_documents(data_config, tok: tokenizer_lib.Tokenizer) -> list:
+    """The validation documents encoded with `tok` (a run's saved tokenizer), building no tokenizer."""
+    spec = BuiltinSpec.from_config(config_lib.data_section(data_config))
+    return _eval_documents(spec, tok, code_texts(spec)[1])
+
+
 @functools.lru_cache(maxsize=2)
 def build(spec: BuiltinSpec, cache_dir: str) -> BuiltinCorpus:
     """Builds the corpus (deterministic for a spec; cached per process)."""
     code_train, code_eval = code_texts(spec)
     samples = {t: _generate(t, _SAMPLE_PROBLEMS, spec.seed, spec) for t in _task_names(spec)}
-    tok = cached_tokenizer(spec, _tokenizer_text(spec, code_train, samples), cache_dir)
+    tok = _tokenizer(spec, code_train, samples, cache_dir)
 
     code = [np.asarray(ids, np.int32) for ids in tok.encode_batch(code_train)]
-    eval_docs = [np.asarray(ids, np.int32) for ids in tok.encode_batch(code_eval)]
+    eval_docs = _eval_documents(spec, tok, code_eval)
     code_tokens = sum(len(d) + 2 for d in code)
     tasks = []
     if samples:
         heldout = _heldout(spec)
-        eval_docs += encode_problems(tok, [p for ps in heldout.values() for p in ps],
-                                     spec.mask_prompt)
         budget = code_tokens * spec.task_fraction / (1 - spec.task_fraction) / len(samples)
         tasks = _task_documents(tok, spec, samples, heldout, budget)
     task_tokens = sum(len(d["ids"]) + 2 for d in tasks)
-    return BuiltinCorpus(tok, code + tasks, eval_docs, code_tokens, task_tokens)
+    train_docs = code + tasks
+    return BuiltinCorpus(tok, train_docs, eval_docs, code_tokens, task_tokens, fingerprint(train_docs, eval_docs))

@@ -13,10 +13,13 @@ def get_config() -> ml_collections.ConfigDict:
     data.eval_batches = 8  # Validation batches per evaluation, the same fixed ones every time.
     data.seq_len = 256  # Tokens per row (rows hold seq_len + 1 tokens before the shift).
     data.parquet_column = "input_ids"  # Parquet column of token-id lists.
-    data.tokenizer = ""  # SentencePiece .model; '' = metadata.json beside the shards / built-in.
+    data.tokenizer = ""  # SentencePiece .model; '' = metadata.json beside the shards / trained for built-in.
     data.bos_id = -1  # BOS id; -1 takes it from the tokenizer (set it for id-only corpora).
     data.eos_id = -1  # EOS id; -1 takes it from the tokenizer.
     data.pad_id = -1  # Padding id; -1 takes it from the tokenizer.
+    # A record that cannot be read or holds an id outside the vocabulary: 'error' stops with one sentence
+    # naming the file and record; 'skip' leaves it out, logs it and counts it (metrics: data_bad_records).
+    data.on_bad_record = "error"
     data.append_eos = True  # End every document with EOS, so the model learns to stop.
     data.num_epochs = 0  # Passes over the training documents; 0 repeats forever.
     data.worker_count = 0  # grain worker processes; 0 packs in the training process.
@@ -36,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.builtin.heldout_code_percent = 5.0  # Percent of stdlib files held out for validation.
     data.builtin.heldout_problems = 64  # Held-out problems per task (validation and eval).
     data.builtin.code_max_mb = 0.0  # Cap on training code in MB of text; 0 = the whole stdlib.
+    data.builtin.code_dir = ""  # Directory of .py files for the code documents; '' = this interpreter's stdlib.
     data.builtin.tokenizer_train_mb = 2.0  # MB of text the tokenizer is trained on.
     return data
 

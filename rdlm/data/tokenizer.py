@@ -8,13 +8,18 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from rdlm import storage
+from rdlm.data import chat_template
+
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Indentation runs, written with U+2581 (SentencePiece's space) so they become single pieces.
 INDENT_PIECES = tuple("\u2581" * n for n in (2, 4, 8, 12, 16))
+# Pieces every tokenizer rdlm trains gets as whole tokens: huginn's chat tokens (ids 4-6), then indentation.
+USER_PIECES = chat_template.SENTENCEPIECE_CHAT_PIECES + INDENT_PIECES
 # SentencePiece drops training sentences longer than this many bytes; longer texts are cut by line.
 _MAX_SENTENCE_BYTES = 4192
-# 4 special pieces, 256 byte-fallback pieces, the indentation pieces and a few learned ones.
-MIN_VOCAB_SIZE = 4 + 256 + len(INDENT_PIECES) + 16
+# 4 special pieces, 256 byte-fallback pieces, the user pieces and a few learned ones.
+MIN_VOCAB_SIZE = 4 + 256 + len(USER_PIECES) + 16
 
 
 class Tokenizer:
@@ -29,19 +34,17 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Loads a `.model` file written by SentencePiece or by `save`."""
-        if not os.path.isfile(path):
+        """Loads a `.model` file (local or gs://) written by SentencePiece or by `save`."""
+        if not storage.is_file(path):
             raise FileNotFoundError(
-                f"Tokenizer file {str(path)!r} does not exist; pass the path of a SentencePiece "
-                ".model file (data.tokenizer or --tokenizer)."
+                f"Tokenizer file {str(path)!r} does not exist{storage.missing_reason(path)}; pass the path of a "
+                "SentencePiece .model file (data.tokenizer or --tokenizer)."
             )
-        with open(path, "rb") as f:
-            return cls(f.read())
+        return cls(storage.read_bytes(path))
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the model so that `from_file` (or any SentencePiece tool) can read it."""
-        with open(path, "wb") as f:
-            f.write(self._model_proto)
+        storage.write_bytes(path, self._model_proto)
 
     @property
     def model_proto(self) -> bytes:
@@ -115,7 +118,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_mb: float = 0.
 
     Text round-trips exactly: identity normalization, no extra-whitespace removal, no dummy prefix
     (so `encode(a) + encode(b)` decodes to `a + b`), digits split, unknown characters as bytes.
-    Ids: pad 0, BOS 1, EOS 2, unk 3. Training stops reading `texts` after `max_mb` MB (0: all).
+    Ids: pad 0, BOS 1, EOS 2, unk 3, then huginn's chat tokens <|begin_header|>, <|end_header|>, <|end_turn|>
+    (so chat data renders with huginn's template, rdlm.data.chat). Training stops reading `texts` after
+    `max_mb` MB (0: all).
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
@@ -139,7 +144,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_mb: float = 0.
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
-            user_defined_symbols=list(INDENT_PIECES),
+            user_defined_symbols=list(USER_PIECES),
             pad_id=PAD_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
@@ -154,9 +159,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_mb: float = 0.
     return Tokenizer(model.getvalue())
 
 
-def check_vocab(tokenizer_vocab: int, model_vocab: int) -> None:
-    """Raises if the tokenizer can produce ids the model's embedding table does not have."""
-    if tokenizer_vocab > model_vocab:
+def check_vocab(tokenizer_vocab: int | None, model_vocab: int) -> None:
+    """Raises if the tokenizer can produce ids the model's embedding table does not have.
+
+    `None` (a corpus of bare ids, with no tokenizer or metadata) passes: the data sources check every id.
+    """
+    if tokenizer_vocab is not None and tokenizer_vocab > model_vocab:
         raise ValueError(
             f"The tokenizer has {tokenizer_vocab} tokens but model.vocab_size is {model_vocab}; "
             f"set model.vocab_size to at least {tokenizer_vocab} or use a smaller tokenizer."

@@ -1,24 +1,29 @@
-"""Huginn (huginn-0125) checkpoints in the Hugging Face layout <-> rdlm parameters.
+"""Huginn (huginn-0125) checkpoints in the Hugging Face layout <-> rdlm parameters: the format, nothing else.
 
-    config, params = huginn.load_hf_checkpoint("path/to/checkpoint_dir")
+    config, params = huginn.load_hf_checkpoint("path/to/checkpoint_dir")   # local or gs://
     huginn.save_hf_checkpoint(config, params, "out_dir")
 
-and, tensor by tensor for the full 3.5B model:
-
-    python -m rdlm.interop.huginn to-orbax SRC_HF_DIR DST_ORBAX_DIR
-    python -m rdlm.interop.huginn to-hf SRC_ORBAX_DIR DST_HF_DIR
+Both go tensor by tensor, so the full 3.5B model is never in memory twice. The command line that converts
+to and from Orbax is `python -m rdlm.interop.convert`.
 """
 
 import dataclasses
 import json
-import pathlib
 import sys
 from collections.abc import Callable
 
 import numpy as np
 
+from rdlm import storage
 from rdlm.interop import safetensors_io
 from rdlm.model.config import ModelConfig, from_hf_config, to_hf_config
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# The files beside the weights that a conversion carries across: the tokenizer (huginn's tokenizer.json, or a
+# SentencePiece model), its settings and the generation config.
+COMPANION_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   GENERATION_CONFIG_FILE)
 
 # (HF stage name, path of the stacked layers in the rdlm params tree)
 _STAGES = (("prelude", ("prelude", "layers")), ("core_block", ("core", "core_block", "layers")), ("coda", ("coda", "layers")))
@@ -116,17 +121,17 @@ def _set(tree, path, value):
 
 def read_config(path) -> ModelConfig:
     """The ModelConfig from a Huginn checkpoint directory's config.json."""
-    path = pathlib.Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"Checkpoint directory {path} does not exist.")
-    config_file = path / "config.json"
-    if not config_file.exists():
+    path = storage.path(path)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"Checkpoint directory {path} does not exist{storage.missing_reason(path)}.")
+    config_file = path / CONFIG_FILE
+    if not storage.exists(config_file):
         raise FileNotFoundError(
             f"{path} has no config.json; a Hugging Face Huginn checkpoint directory holds config.json and "
             "model.safetensors (or an index with shards)."
         )
     try:
-        hf = json.loads(config_file.read_text())
+        hf = json.loads(storage.read_text(config_file))
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file} is not valid JSON: {e}.") from None
     return from_hf_config(hf)
@@ -190,8 +195,7 @@ def save_hf_checkpoint(config: ModelConfig, params, path, dtype=None) -> None:
 
     Tensors are converted and written one at a time; `dtype` converts (default: the params' dtype).
     """
-    path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = storage.makedirs(path)
     layout = tensor_layout(config)
     first = np.asarray(_get(params, layout[0].path))
     target = np.dtype(dtype) if dtype is not None else first.dtype
@@ -201,13 +205,11 @@ def save_hf_checkpoint(config: ModelConfig, params, path, dtype=None) -> None:
         shapes[t.key], dtypes[t.key] = t.hf_shape, target
     thunks["freqs_cis"] = lambda: freqs_cis(config)
     shapes["freqs_cis"], dtypes["freqs_cis"] = (1, config.block_size, 1, config.head_dim // 2, 2), np.float32
-    tmp = path / (safetensors_io.SINGLE_FILE + ".partial")
-    safetensors_io.write_file(tmp, thunks, shapes, dtypes, metadata={"format": "pt"})
-    tmp.replace(path / safetensors_io.SINGLE_FILE)
+    safetensors_io.write_file(path / safetensors_io.SINGLE_FILE, thunks, shapes, dtypes, metadata={"format": "pt"})
     hf = to_hf_config(config)
     hf["torch_dtype"] = "bfloat16" if target.name == "bfloat16" else str(target)
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    (path / "generation_config.json").write_text(json.dumps({"_from_model_config": True}, indent=2) + "\n")
+    storage.write_text(path / CONFIG_FILE, json.dumps(hf, indent=2) + "\n")
+    storage.write_text(path / GENERATION_CONFIG_FILE, json.dumps({"_from_model_config": True}, indent=2) + "\n")
 
 
 def _to_hf(params, t: _Tensor) -> np.ndarray:
@@ -217,32 +219,8 @@ def _to_hf(params, t: _Tensor) -> np.ndarray:
     return t.to_hf(value)
 
 
-def main(argv: list[str]) -> int:
-    """`to-orbax SRC DST` or `to-hf SRC DST`, converting the checkpoint tensor by tensor."""
-    from rdlm import checkpoint_io  # Orbax is only needed by the CLI.
-
-    usage = "usage: python -m rdlm.interop.huginn {to-orbax|to-hf} SRC DST [--dtype=float32|bfloat16]"
-    args = [a for a in argv if not a.startswith("--")]
-    options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-    if len(args) != 3 or args[0] not in ("to-orbax", "to-hf"):
-        print(usage, file=sys.stderr)
-        return 2
-    command, src, dst = args
-    try:
-        if pathlib.Path(dst).exists():
-            raise FileExistsError(f"{dst} already exists; choose a new output directory.")
-        if command == "to-orbax":
-            config, params = load_hf_checkpoint(src, dtype=options.get("dtype"))
-            checkpoint_io.save_params(dst, config, params)
-        else:
-            config, params = checkpoint_io.load_params(src, as_numpy=True)
-            save_hf_checkpoint(config, params, dst, dtype=options.get("dtype"))
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {dst}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    print("rdlm.interop.huginn is the checkpoint format, not a command; convert with\n"
+          "  python -m rdlm.interop.convert to-orbax SRC_HF_DIR DST_ORBAX_DIR\n"
+          "  python -m rdlm.interop.convert to-hf SRC_CHECKPOINT DST_HF_DIR", file=sys.stderr)
+    sys.exit(2)

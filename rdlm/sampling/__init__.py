@@ -5,7 +5,7 @@ from rdlm.sampling.cache import KVCache
 from rdlm.sampling.decode import GenerateOutput, Sampler, SamplingState, generate
 from rdlm.sampling.exits import CRITERIA, DEFAULT_THRESHOLDS, ExitCriterion, make_criterion, parse_exit
 from rdlm.sampling.options import Knobs, SamplerOptions
-from rdlm.sampling.parallel import ParallelOutput, ParallelSampler, generate_parallel
+from rdlm.sampling.parallel import ParallelOutput, ParallelSampler, ParallelSettings, generate_parallel
 from rdlm.sampling.speculative import SpeculativeOutput, SpeculativeSampler, generate_speculative
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Knobs",
     "ParallelOutput",
     "ParallelSampler",
+    "ParallelSettings",
     "Sampler",
     "SamplerOptions",
     "SamplingState",

@@ -2,8 +2,9 @@
 
 A block is the prompt (prefill), one new token per row (decoding) or a few tokens per row
 (speculative verification). Every row runs up to `num_steps` iterations; with an exit criterion a
-row stops on its own and stays frozen (its state and its last KV entry no longer change) while the
-others continue, and the loop ends when every row has stopped.
+row stops on its own at a check (every `knobs.check_every` iterations) and stays frozen (its state
+and its last KV entry no longer change) while the others continue, and the loop ends when every row
+has stopped. A logit criterion runs the coda and the head only at checks; a latent one never does.
 """
 
 import functools
@@ -34,7 +35,11 @@ class _Carry:
     active_B: jax.Array
     steps_B: jax.Array
     exit_state: ExitState | None
-    logits: jax.Array | None  # the head's output after the latest iteration (logit criteria only)
+    # Logit criteria only: the head's output at the latest check, the coda (k, v) it computed, and
+    # whether that check came after the latest iteration (then the final head is not run again).
+    logits: jax.Array | None
+    coda_kv: KV | None
+    checked_last: jax.Array | None
     cache: KVCache
     past_core: KV | None  # the cache's core slot of the current iteration (None in prefill)
 
@@ -58,7 +63,8 @@ def run_block(
     """Runs row b's tokens at positions start_B[b] + [0, S), attending to its cached slots below start_B[b].
 
     `fresh` (prefill) skips the cache reads. Rows with active_B False do no iterations. With `exit`,
-    `knobs` give its threshold and min_steps; distribution criteria read the block's last position.
+    `knobs` give its threshold, min_steps and check_every; distribution criteria read the block's last
+    position.
     """
     cfg = model.config
     apply = functools.partial(model.apply, {"params": params})
@@ -71,14 +77,19 @@ def run_block(
         return None if fresh else kv
 
     def head(cache, state_BSD, with_logits: bool):
-        logits, _, kv = apply(state_BSD, positions_BS, segment_BS, past(cache.coda), mask,
+        logits, _, kv = apply(state_BSD, positions_BS, segment_BS, past(cache.coda_kv), mask,
                               return_logits=with_logits, method=RecurrentLM.decode)
         return cache.write_coda(kv, positions_BS), logits
 
-    embedded, kv = apply(tokens_BS, positions_BS, segment_BS, past(cache.prelude), mask, method=RecurrentLM.embed)
+    embedded, kv = apply(tokens_BS, positions_BS, segment_BS, past(cache.prelude_kv), mask, method=RecurrentLM.embed)
     cache = cache.write_prelude(kv, positions_BS)
     state = init_BSD.astype(cfg.compute_dtype)
     head_in_loop = exit is not None and exit.uses_logits
+    coda_past = past(cache.coda_kv)  # the loop writes no coda entries: the final head does
+
+    def head_logits(state_BSD):
+        logits, _, kv = apply(state_BSD, positions_BS, segment_BS, coda_past, mask, method=RecurrentLM.decode)
+        return logits, kv
 
     def cond(c: _Carry):
         return (c.i < num_steps) & jnp.any(c.active_B)
@@ -95,26 +106,50 @@ def run_block(
         # make XLA copy the whole cache every iteration). This token's own entries are masked anyway.
         past_core = past(cache.core_slot((c.i + 1) % cache.slots))
         steps = c.steps_B + act.astype(jnp.int32)
-        exit_state, active, logits = c.exit_state, act, c.logits
+        exit_state, active, logits, coda_kv, checked_last = c.exit_state, act, c.logits, c.coda_kv, c.checked_last
         if exit is not None:
-            if head_in_loop:  # frozen rows recompute their final head, so the last one serves every row
-                cache, logits = head(cache, state_BSD, True)
-            last = None if logits is None else logits[:, -1]
-            exit_state, _, stop = exit.update(c.exit_state, last, state_BSD, valid_BS, knobs.exit_threshold)
-            active = act & ~(stop & (steps >= knobs.min_steps))
-        return _Carry(c.i + 1, state_BSD, last_kv, active, steps, exit_state, logits, cache, past_core)
+            n = c.i + 1  # iterations run by every active row
+            check = (n >= knobs.min_steps) & ((n - knobs.min_steps) % knobs.check_every == 0)
+            if head_in_loop:  # the coda and the head run only at a check (lax.cond runs one branch)
+
+                def checked(_):
+                    out, kv = head_logits(state_BSD)
+                    es, _, stop = exit.update(c.exit_state, out[:, -1], state_BSD, valid_BS, knobs.exit_threshold)
+                    return es, stop, out, kv
+
+                def unchecked(_):
+                    return c.exit_state, jnp.zeros((B,), bool), c.logits, c.coda_kv
+
+                exit_state, stop, logits, coda_kv = jax.lax.cond(check, checked, unchecked, None)
+                checked_last = check
+            else:  # a latent criterion is a few norms: computed every iteration, kept at checks
+                updated, _, stop = exit.update(c.exit_state, None, state_BSD, valid_BS, knobs.exit_threshold)
+                exit_state = jax.tree.map(lambda u, o: jnp.where(check, u, o), updated, c.exit_state)
+                stop = stop & check
+            active = act & ~stop
+        return _Carry(c.i + 1, state_BSD, last_kv, active, steps, exit_state, logits, coda_kv, checked_last, cache,
+                      past_core)
 
     kv_shape = (cfg.n_layers_in_recurrent_block, B, S, cfg.n_heads, cfg.head_dim)
     zeros_kv = (jnp.zeros(kv_shape, cfg.compute_dtype), jnp.zeros(kv_shape, cfg.compute_dtype))
     exit_state = None if exit is None else exit.init(state, cfg.vocab_size)
-    logits = jnp.zeros((B, S, cfg.vocab_size), jnp.float32) if head_in_loop else None
-    carry = _Carry(jnp.int32(0), state, zeros_kv, active_B, jnp.zeros((B,), jnp.int32), exit_state, logits, cache,
-                   past(cache.core_slot(0)))
+    logits = coda_kv = checked_last = None
+    if head_in_loop:
+        coda_shape = (cfg.n_layers_in_coda, B, S, cfg.n_heads, cfg.head_dim)
+        logits = jnp.zeros((B, S, cfg.vocab_size), jnp.float32)
+        coda_kv = (jnp.zeros(coda_shape, cfg.compute_dtype), jnp.zeros(coda_shape, cfg.compute_dtype))
+        checked_last = jnp.zeros((), bool)
+    carry = _Carry(jnp.int32(0), state, zeros_kv, active_B, jnp.zeros((B,), jnp.int32), exit_state, logits, coda_kv,
+                   checked_last, cache, past(cache.core_slot(0)))
     carry = jax.lax.while_loop(cond, body, carry)
-    cache, logits = carry.cache, carry.logits
-    if exit is not None or num_steps < cache.depth:
+    cache = carry.cache
+    if exit is not None or not isinstance(num_steps, int) or num_steps < cache.depth:  # a traced r may be < depth
         cache = cache.fill_skipped(carry.last_kv, carry.steps_B, positions_BS)
-    if not head_in_loop:
+    if head_in_loop:  # the latest check's head serves if it came after the last iteration
+        logits, kv = jax.lax.cond(carry.checked_last, lambda c: (c.logits, c.coda_kv), lambda c: head_logits(c.state_BSD),
+                                  carry)
+        cache = cache.write_coda(kv, positions_BS)
+    else:
         cache, logits = head(cache, carry.state_BSD, want_logits)
     return BlockResult(cache=cache, logits=logits if want_logits else None, state_BSD=carry.state_BSD,
                        steps_B=carry.steps_B)

@@ -124,7 +124,10 @@ def decode_step(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, param
     """Feeds each live row's newest token and emits the next one."""
     cfg = model.config
     B, D = st.state_BD.shape
-    rng, k_init, k_tok = jax.random.split(st.rng, 3)
+    if options.uses_rng:
+        rng, k_init, k_tok = jax.random.split(st.rng, 3)
+    else:  # greedy from fixed initial states: no key is used (a split is a threefry loop per token)
+        rng = k_init = k_tok = st.rng
     if options.continuous:
         init = st.state_BD[:, None]
     else:
@@ -148,7 +151,7 @@ class Sampler:
     """The compiled decode loop for one (model config, static options); reuse it to avoid recompiling.
 
     Calls may pass other `options` with the same `static()` part (another exit threshold, min_steps,
-    stop tokens or pad id): they run on the same compiled code. The prefill is one module-level jit
+    check_every, stop tokens or pad id): they run on the same compiled code. The prefill is one module-level jit
     shared by all samplers.
     """
 
@@ -169,7 +172,7 @@ class Sampler:
     def knobs(self, options: SamplerOptions) -> Knobs:
         if options.static() != self.static:
             raise ValueError("These options differ from the Sampler's beyond exit_threshold, min_steps, "
-                             "stop_tokens and pad_id; make a new Sampler for them.")
+                             "check_every, stop_tokens and pad_id; make a new Sampler for them.")
         options.check_vocab(self.config.vocab_size)
         return options.knobs()
 
@@ -213,6 +216,7 @@ def generate(
     exit_criterion: str | None = None,
     exit_threshold=None,
     min_steps: int = 0,
+    check_every: int = 0,
     kv_share: int | None = None,
     continuous: bool = False,
     prompt_lengths=None,
@@ -223,12 +227,14 @@ def generate(
     prompt_ids: a list of token lists, or a right-padded [B, P] array with prompt_lengths. rng (a
     jax key, default key(0)) drives the random initial states (init_scale > 0) and sampling.
     exit_criterion: one of rdlm.sampling.exits.CRITERIA; exit_threshold None takes its default.
+    check_every=C checks it every C iterations (0: the criterion's default, exits.DEFAULT_CHECK_EVERY).
     kv_share=c keeps c core KV slots per token (iteration i writes slot i mod c).
     """
     options = SamplerOptions.build(
         num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         stop_tokens=stop_tokens, pad_id=pad_id, init_scale=init_scale, exit_criterion=exit_criterion,
-        exit_threshold=exit_threshold, min_steps=min_steps, kv_share=kv_share, continuous=continuous,
+        exit_threshold=exit_threshold, min_steps=min_steps, check_every=check_every, kv_share=kv_share,
+        continuous=continuous,
     )
     options.check_vocab(config.vocab_size)
     sampler = cached_sampler(config, options.static())

@@ -1,10 +1,11 @@
 """The frozen, hashable sampler options, split into what compiled code specialises on and traced knobs.
 
 A compiled sampler is specialised on `options.static()` (and shapes); the exit threshold, min_steps,
-the stop tokens and the pad id travel as `Knobs` arrays, so changing them does not recompile.
+check_every, the stop tokens and the pad id travel as `Knobs` arrays, so changing them does not recompile.
 """
 
 import dataclasses
+import functools
 import math
 import numbers
 
@@ -12,13 +13,14 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from rdlm.sampling.exits import DEFAULT_THRESHOLDS, ExitCriterion, make_criterion
+from rdlm.sampling.exits import DEFAULT_CHECK_EVERY, DEFAULT_THRESHOLDS, ExitCriterion, make_criterion
 
 
 @flax.struct.dataclass
 class Knobs:
     exit_threshold: jax.Array  # float32 scalar
     min_steps: jax.Array  # int32 scalar: iterations before a token may exit (at least 1)
+    check_every: jax.Array  # int32 scalar: the criterion is checked after iterations min_steps + j * check_every
     stop_tokens: jax.Array  # int32 [8k], padded with -1 so that a few more stops reuse the compiled code
     pad_id: jax.Array  # int32 scalar
 
@@ -50,6 +52,9 @@ class SamplerOptions:
     init_scale: float = 1.0  # std multiplier of the random initial state (drawn per token); 0 = zero state
     exit: ExitCriterion | None = None  # per-token adaptive exit (see rdlm.sampling.exits)
     min_steps: int = 0  # iterations a token runs before it may exit (reference: first check after min_steps + 1)
+    # Check the exit criterion every C iterations (the reference's check_criterion_every_n_steps); 0 = the
+    # criterion's default (DEFAULT_CHECK_EVERY): a logit criterion's check runs the coda and the head.
+    check_every: int = 0
     kv_share: int | None = None  # core KV slots per token (None: one per iteration)
     continuous: bool = False  # start each token's state from the previous token's final raw state s_r
 
@@ -67,6 +72,7 @@ class SamplerOptions:
         _check_int("pad_id", self.pad_id, 0)
         _check_float("init_scale", self.init_scale, 0.0)
         _check_int("min_steps", self.min_steps, 0)
+        _check_int("check_every", self.check_every, 0)
         if self.min_steps > self.num_steps:
             raise ValueError(f"min_steps={self.min_steps} exceeds num_steps={self.num_steps}.")
         if self.kv_share is not None:
@@ -90,20 +96,40 @@ class SamplerOptions:
     def static(self) -> "SamplerOptions":
         """These options without the knob values: the key compiled code is specialised on."""
         exit = None if self.exit is None else ExitCriterion(self.exit.name, DEFAULT_THRESHOLDS[self.exit.name])
-        return dataclasses.replace(self, exit=exit, min_steps=0, stop_tokens=(), pad_id=0)
+        return dataclasses.replace(self, exit=exit, min_steps=0, check_every=0, stop_tokens=(), pad_id=0)
+
+    @property
+    def check_interval(self) -> int:
+        """Iterations between exit checks: check_every, or the criterion's default for 0."""
+        if self.check_every:
+            return self.check_every
+        return 1 if self.exit is None else DEFAULT_CHECK_EVERY[self.exit.name]
+
+    @property
+    def uses_rng(self) -> bool:
+        """Whether tokens or initial states are random (else the decode loop never splits its key)."""
+        return self.temperature > 0 or (self.init_scale > 0 and not self.continuous)
 
     def knobs(self) -> Knobs:
-        threshold = 0.0 if self.exit is None else float(self.exit.threshold)
-        width = 8 * math.ceil(max(len(self.stop_tokens), 1) / 8)
-        return Knobs(
-            exit_threshold=jnp.asarray(threshold, jnp.float32),
-            min_steps=jnp.asarray(max(self.min_steps, 1), jnp.int32),
-            stop_tokens=jnp.asarray(self.stop_tokens + (-1,) * (width - len(self.stop_tokens)), jnp.int32),
-            pad_id=jnp.asarray(self.pad_id, jnp.int32),
-        )
+        return _knobs(self)
 
     def check_vocab(self, vocab_size: int) -> None:
         for name, ids in (("stop token", self.stop_tokens), ("pad_id", (self.pad_id,))):
             for t in ids:
                 if t >= vocab_size:
                     raise ValueError(f"{name} {t} is outside the model's vocabulary (vocab_size={vocab_size}).")
+
+
+@functools.lru_cache(maxsize=64)
+def _knobs(options: SamplerOptions) -> Knobs:
+    """The options' knob arrays, made once per options (a host-to-device copy each costs more than a token)."""
+    threshold = 0.0 if options.exit is None else float(options.exit.threshold)
+    stops = options.stop_tokens
+    width = 8 * math.ceil(max(len(stops), 1) / 8)
+    return Knobs(
+        exit_threshold=jnp.asarray(threshold, jnp.float32),
+        min_steps=jnp.asarray(max(options.min_steps, 1), jnp.int32),
+        check_every=jnp.asarray(options.check_interval, jnp.int32),
+        stop_tokens=jnp.asarray(stops + (-1,) * (width - len(stops)), jnp.int32),
+        pad_id=jnp.asarray(options.pad_id, jnp.int32),
+    )

@@ -135,7 +135,7 @@ class SpeculativeSampler:
                                  rounds=sp.rounds)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _cached(config, options, draft_steps, lookahead, threshold) -> SpeculativeSampler:
     return SpeculativeSampler(config, options, draft_steps=draft_steps, lookahead=lookahead,
                               verification_threshold=threshold)

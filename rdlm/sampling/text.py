@@ -1,17 +1,15 @@
 """A checkpoint's tokenizer for generation: SentencePiece for models trained here, huginn's tokenizer.json
-through the `tokenizers` package, with huginn's chat template (spec section 3.8)."""
+through the `tokenizers` package, and huginn's chat template (spec section 3.8) through rdlm.data.chat, the
+same rendering that chat training data goes through."""
 
 import dataclasses
 import json
-import os
 
 from etils import epath
 
-from rdlm import checkpoint_io
-
-HUGINN_SPECIALS = {"bos": "<|begin_text|>", "end_text": "<|end_text|>", "begin_header": "<|begin_header|>",
-                   "end_header": "<|end_header|>", "end_turn": "<|end_turn|>", "pad": "<|pad|>"}
-ASSISTANT_ROLE = "Huginn"
+from rdlm import checkpoint_io, storage
+from rdlm.data import chat as chat_lib
+from rdlm.data.chat_template import ASSISTANT_ROLE, HUGINN_SPECIALS, render, to_text  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass
@@ -23,87 +21,104 @@ class TextCodec:
     bos_id: int | None
     stop_ids: tuple[int, ...]
     pad_id: int
-    chat_template: bool  # the huginn chat template is available
+    chat: chat_lib.ChatTokenizer | None = None  # huginn's chat template, when the tokenizer has its tokens
+    chat_error: str = ""  # why there is no chat template
+
+    @property
+    def chat_template(self) -> bool:
+        return self.chat is not None
 
     def prompt_ids(self, text: str, chat: bool = False) -> list[int]:
         if chat:
-            if not self.chat_template:
-                raise ValueError("--chat needs a tokenizer with huginn's chat tokens (<|begin_header|> ...); "
-                                 "this checkpoint's tokenizer has none.")
-            return self.encode_fn(chat_prompt([{"role": "user", "content": text}]))
+            if self.chat is None:
+                raise ValueError(f"--chat needs a tokenizer with huginn's chat tokens: {self.chat_error}")
+            return self.chat.prompt_ids([{"role": "user", "content": text}])
         ids = self.encode_fn(text)
         return ids if self.bos_id is None or (ids and ids[0] == self.bos_id) else [self.bos_id] + ids
+
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template as one string (for lm-eval and text tasks); encoding it gives `prompt_ids`."""
+        if self.chat is None:
+            raise ValueError(f"A chat template needs a tokenizer with huginn's chat tokens: {self.chat_error}")
+        return self.chat.text(messages, add_generation_prompt)
 
     def decode(self, ids) -> str:
         return self.decode_fn([int(i) for i in ids])
 
 
 def chat_prompt(messages: list[dict]) -> str:
-    """Huginn's template: BOS, then <|begin_header|>{role}<|end_header|>\\n\\n{content}<|end_turn|> per
-    message (assistant rendered as Huginn), then the generation prompt."""
-    s = HUGINN_SPECIALS
-    parts = [s["bos"]]
-    for m in messages:
-        role = ASSISTANT_ROLE if m["role"] == "assistant" else m["role"]
-        parts.append(f"{s['begin_header']}{role}{s['end_header']}\n\n{m['content'].strip()}{s['end_turn']}")
-    parts.append(f"{s['begin_header']}{ASSISTANT_ROLE}{s['end_header']}\n\n")
-    return "".join(parts)
+    """Huginn's template with huginn's token strings, ending in the generation prompt."""
+    return to_text(render(messages, add_generation_prompt=True))
+
+
+def _chat_of(tokenizer, where: str) -> tuple[chat_lib.ChatTokenizer | None, str]:
+    try:
+        return chat_lib.ChatTokenizer(tokenizer, where), ""
+    except ValueError as e:
+        return None, str(e)
+
+
+def sentencepiece_codec(tok, where: str = "the run's tokenizer") -> TextCodec:
+    """The codec of a SentencePiece tokenizer (rdlm.data.tokenizer.Tokenizer); chat tokens decode to nothing."""
+    bos = tok.bos_id if tok.bos_id >= 0 else None
+    chat, error = _chat_of(tok, where)
+    stops = {tok.eos_id} if tok.eos_id >= 0 else set()
+    hidden = set()
+    if chat is not None:
+        stops.update(chat.stop_ids)
+        hidden = {chat.special_ids[n] for n in ("begin_header", "end_header", "end_turn")}
+    return TextCodec(tok.encode, lambda ids: tok.decode([i for i in ids if i not in hidden]), bos,
+                     tuple(sorted(stops)), max(tok.pad_id, 0), chat, error)
 
 
 def _sentencepiece(path) -> TextCodec:
     from rdlm.data.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_file(path)
-    bos = tok.bos_id if tok.bos_id >= 0 else None
-    stops = (tok.eos_id,) if tok.eos_id >= 0 else ()
-    return TextCodec(tok.encode, tok.decode, bos, stops, max(tok.pad_id, 0), chat_template=False)
+    return sentencepiece_codec(Tokenizer.from_file(path), str(path))
 
 
 def _hf_tokenizer(path) -> TextCodec:
     import tokenizers
 
-    tok = tokenizers.Tokenizer.from_file(str(path))
+    tok = tokenizers.Tokenizer.from_str(storage.read_text(path))
     ids = {name: tok.token_to_id(token) for name, token in HUGINN_SPECIALS.items()}
     stops = {ids[k] for k in ("bos", "end_text", "end_turn") if ids[k] is not None}  # the reference's stop set
-    config = os.path.join(os.path.dirname(str(path)), "generation_config.json")
-    if os.path.isfile(config):
-        with open(config) as f:
-            eos = json.load(f).get("eos_token_id")
+    config = storage.path(path).parent / "generation_config.json"
+    if storage.exists(config):
+        eos = json.loads(storage.read_text(config)).get("eos_token_id")
         stops.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    chat = all(ids[k] is not None for k in ("bos", "begin_header", "end_header", "end_turn"))
+    chat, error = _chat_of(tok, str(path))
     return TextCodec(
         lambda text: tok.encode(text, add_special_tokens=False).ids,
         lambda ids_: tok.decode(ids_, skip_special_tokens=True),
         ids["bos"],
         tuple(sorted(stops)),
         ids["pad"] if ids["pad"] is not None else 0,
-        chat_template=chat,
+        chat,
+        error,
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
 def tokenizer_path(checkpoint) -> epath.Path:
-    """Where a checkpoint's tokenizer lives: the HF directory's tokenizer.json (or .model), the training
-    workdir's tokenizer.model, or for an Orbax step directory WORKDIR/checkpoints/<step>, WORKDIR's."""
-    directory = epath.Path(checkpoint)
-    kind = checkpoint_io.kind_of(directory)
-    if kind == "hf":
-        candidates = [directory / "tokenizer.json", directory / "tokenizer.model"]
-    elif kind == "workdir":
-        candidates = [directory / "tokenizer.model"]
-    else:
-        candidates = [directory / "tokenizer.model", directory.parent.parent / "tokenizer.model"]
+    """Where a checkpoint's tokenizer lives: tokenizer.json (huginn's) or tokenizer.model (SentencePiece) in the
+    checkpoint directory (HF, a converted Orbax directory, a training workdir), or for a training step
+    WORKDIR/checkpoints/<step>, in WORKDIR."""
+    candidates = [d / name for d in checkpoint_io.companion_dirs(checkpoint) for name in TOKENIZER_FILES]
     for path in candidates:
-        if path.exists():
+        if storage.exists(path):
             return path
     raise FileNotFoundError(
-        f"No tokenizer found for checkpoint {directory} (looked for {', '.join(str(p) for p in candidates)}); "
-        "pass --tokenizer=PATH (a SentencePiece .model or a tokenizer.json)."
+        f"No tokenizer found for checkpoint {storage.path(checkpoint)} (looked for "
+        f"{', '.join(str(p) for p in candidates)}); pass --tokenizer=PATH (a SentencePiece .model or a tokenizer.json)."
     )
 
 
 def load_codec(checkpoint, tokenizer: str | None = None) -> TextCodec:
     """The codec of `tokenizer` (a .model or tokenizer.json path) or else of the checkpoint's own tokenizer."""
-    path = epath.Path(tokenizer) if tokenizer else tokenizer_path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"Tokenizer file {path} does not exist.")
+    path = storage.path(tokenizer) if tokenizer else tokenizer_path(checkpoint)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"Tokenizer file {path} does not exist{storage.missing_reason(path)}.")
     return _hf_tokenizer(path) if path.suffix == ".json" else _sentencepiece(path)
