@@ -24,7 +24,8 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from rdlm import evaluate
+from rdlm import storage
+from rdlm.eval import heldout, report
 
 # The targets of the main job (issue 18): accuracy points between test-time depths.
 GAIN_FROM, GAIN_TO, MIN_GAIN = 1, 16, 25.0
@@ -40,7 +41,9 @@ def _columns(result: dict) -> list[tuple[str, str]]:
     """(key, title) of the table's columns: overall, in and beyond training, and every never-trained bucket."""
     cols = [(key, title) for key, title in (("accuracy", "all held-out"), ("accuracy_in_distribution", "trained lengths"),
                                             ("accuracy_beyond_training", "longer than trained*")) if key in result]
-    cols += [(f"by:{label}", label) for label in result.get("accuracy_by_difficulty", {}) if label.endswith("*")]
+    beyond = [label for label in result.get("accuracy_by_difficulty", {}) if label.endswith("*")]
+    if len(beyond) > 1 or "accuracy_beyond_training" not in result:  # one such bucket is the column before
+        cols += [(f"by:{label}", label) for label in beyond]
     return cols
 
 
@@ -61,7 +64,7 @@ def chance_by_label(problems: dict[str, list], result: dict, buckets) -> dict[st
     answers = collections.defaultdict(collections.Counter)
     for task, ps in problems.items():
         for p in ps:
-            label = f"{task}/{evaluate.bucket_of(p.difficulty, buckets)}{'' if p.difficulty in trained else '*'}"
+            label = f"{task}/{heldout.bucket_of(p.difficulty, buckets)}{'' if p.difficulty in trained else '*'}"
             answers[label][p.answer] += 1
     return {label: max(c.values()) / sum(c.values()) for label, c in answers.items()}
 
@@ -132,12 +135,12 @@ def run_seeds(config, workdir: epath.Path, seeds: list[int], prefix: str) -> dic
     results = {}
     for seed in seeds:
         run_dir = workdir / f"{prefix}seed_{seed}"
-        done = run_dir / evaluate.SCALING_JSON
-        if not done.exists():
+        done = run_dir / report.SCALING_JSON
+        if not storage.exists(done):
             c = copy.deepcopy(config)
             c.train.seed = seed
             train_and_evaluate(c, str(run_dir))
-        results[seed] = json.loads(done.read_text())
+        results[seed] = json.loads(storage.read_text(done))
     return results
 
 
@@ -163,7 +166,7 @@ def _parse_seeds(values: list[str]) -> list[int]:
 def main(argv):
     del argv
     seeds = _parse_seeds(_SEEDS.value)
-    workdir = epath.Path(_WORKDIR.value)
+    workdir = storage.path(_WORKDIR.value)
     runs = run_seeds(_CONFIG.value, workdir, seeds, "")
     baselines = run_seeds(_BASELINE.value, workdir, seeds, "baseline_") if _BASELINE.value else None
     from rdlm.data import builtin
@@ -171,7 +174,7 @@ def main(argv):
     config = _CONFIG.value
     chance = None
     if config.data.source == "builtin" and config.data.builtin.task_fraction > 0:
-        buckets = evaluate.parse_buckets(config.eval.difficulty_buckets)
+        buckets = heldout.parse_buckets(config.eval.difficulty_buckets)
         chance = chance_by_label(builtin.heldout_problems(config), runs[seeds[0]], buckets)
     print(summary(runs, baselines, chance), flush=True)
 
