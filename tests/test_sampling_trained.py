@@ -1,4 +1,4 @@
-"""Adaptive exit, the parallel sampler, bf16 and `bench generate` on a model trained with the main-job recipe
+"""Adaptive exit, the parallel sampler, bf16 and `bench generate` on a model trained with the windowed recipe
 (slow: the recipe runs 300 steps first). On a trained model the latent converges, so every fast sampler must
 give (nearly) the tokens of plain fixed-depth greedy decoding, with fewer iterations per token."""
 
@@ -24,11 +24,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     sys.path.insert(0, str(ROOT))
-    from configs import tiny
+    from configs import tiny_window
     from rdlm.train import train_and_evaluate
 
     root = tmp_path_factory.mktemp("trained")
-    config = tiny.get_config()
+    config = tiny_window.get_config()
     config.train.num_steps = 300
     config.eval.final_num_steps = ()
     config.data.cache_dir = str(root / "cache")

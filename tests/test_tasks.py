@@ -31,6 +31,39 @@ def test_carry_answers_and_format():
         assert p.answer == str(int(a + b >= 10**p.difficulty))
 
 
+# The two s3 operations as permutations of Z3 = {0, 1, 2}, written as the images of 0, 1 and 2.
+_S3_OPS = {"1": (1, 2, 0), "2": (0, 2, 1)}  # 1: x -> x + 1, 2: x -> -x
+
+
+def _compose(first, then):
+    return tuple(then[first[x]] for x in range(3))
+
+
+def test_s3_answers_are_the_composed_permutation_applied_to_zero():
+    seen = set()
+    for p in tasks.generate("s3", 500, seed=1, difficulties=[1, 2, 5, 16, 32]):
+        ops = p.prompt[:-1]
+        assert p.prompt.endswith("=") and set(ops) <= {"1", "2"} and len(ops) == p.difficulty
+        perm = (0, 1, 2)
+        for op in ops:
+            perm = _compose(perm, _S3_OPS[op])
+        seen.add(perm)
+        assert p.answer == str(perm[0])
+    assert len(seen) == 6  # the operations generate all of S3
+    assert _compose(_S3_OPS["1"], _S3_OPS["2"]) != _compose(_S3_OPS["2"], _S3_OPS["1"])  # not commutative
+
+
+def test_s3_answers_are_balanced_and_depend_on_order():
+    ps = tasks.generate("s3", 3000, seed=0, difficulties=[12])
+    counts = [sum(p.answer == str(x) for p in ps) for x in range(3)]
+    assert all(800 < c < 1200 for c in counts)  # chance is about 1/3
+    # The same multiset of operations in another order can change the answer: no counting shortcut.
+    by_counts = {}
+    for p in ps:
+        by_counts.setdefault(p.prompt.count("1"), set()).add(p.answer)
+    assert any(len(answers) > 1 for answers in by_counts.values())
+
+
 def test_hand_worked_examples():
     parity = {p.prompt: p.answer for p in tasks.generate("parity", 2000, seed=0, difficulties=[4])}
     assert parity["1011="] == "1"  # three ones
@@ -41,6 +74,11 @@ def test_hand_worked_examples():
     assert carry1["45="] == "0"  # 4 + 5 = 9
     assert carry1["55="] == "1"  # 5 + 5 = 10
     assert carry1["09="] == "0"
+    s3 = {p.prompt: p.answer for p in tasks.generate("s3", 2000, seed=0, difficulties=[2, 4])}
+    assert s3["12="] == "2"  # 0 -> 1 -> -1 = 2
+    assert s3["21="] == "1"  # 0 -> 0 -> 1
+    assert s3["1212="] == "0"  # 0 -> 1 -> 2 -> 0 -> 0
+    assert s3["1111="] == "1"
     carry2 = {p.prompt: p.answer for p in tasks.generate("carry", 20000, seed=0, difficulties=[2])}
     assert carry2["55 45="] == "1"  # 45 + 55 = 100: the carry from 5 + 5 runs through 4 + 5
     assert carry2["54 45="] == "0"  # 45 + 54 = 99
@@ -90,6 +128,10 @@ def test_check_answer():
         (dict(task="parity", num=3, seed=0, difficulties=[0, 2]), "[0]"),
         (dict(task="parity", num=3, seed=0, difficulties=[2.5]), "[2.5]"),
         (dict(task="parity", num=-1, seed=0, difficulties=[2]), "num=-1"),
+        (dict(task="s3", num=3, seed=0, difficulties=[]), "empty"),
+        (dict(task="s3", num=3, seed=0, difficulties=[3, -1]), "[-1]"),
+        (dict(task="s3", num=3, seed=0, difficulties=[True]), "[True]"),
+        (dict(task="s3", num=3, seed=0, difficulties=["4"]), "['4']"),
     ],
 )
 def test_bad_input_raises_naming_the_value(kwargs, bad):

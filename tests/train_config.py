@@ -1,15 +1,16 @@
-"""A training config small enough for tests: a few-hundred-thousand-parameter model on a sliver of the built-in data."""
+"""A training config small enough for tests: a few-hundred-thousand-parameter model on a sliver of the built-in data
+(configs/tiny_window.py's parity mix, the main job's data before it moved to s3)."""
 
 import sys
 import pathlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from configs import base, tiny  # noqa: E402
+from configs import base, tiny_window  # noqa: E402
 
 
 def small_config(cache_dir, **overrides):
-    c = tiny.get_config()
+    c = tiny_window.get_config()
     c.model = base.model_section("tiny", vocab_size=512, n_embd=32, n_heads=2, intermediate_size=64, block_size=64,
                                  n_layers_in_prelude=1, n_layers_in_recurrent_block=1, n_layers_in_coda=1)
     c.data.builtin.vocab_size = 448

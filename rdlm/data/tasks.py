@@ -7,6 +7,10 @@ document text is `prompt + answer`; the answer is what greedy decoding after the
 - `carry`: two `difficulty`-digit numbers a and b as digit pairs `a_i b_i`, least-significant first and
   space-separated, then `=` and the carry out of a + b (0 or 1): `45 55=1` is 54 + 55 = 109. About half
   the pairs sum to 9 and pass the incoming carry on, so the answer depends on a long chain of carries.
+- `s3`: a string of `difficulty` operations from {1, 2} acting on x in Z3, starting at x = 0: `1` maps x
+  to x + 1 mod 3 and `2` maps x to -x mod 3; then `=` and the final x: `1212=0`. The two generate the
+  symmetric group S3, which is not commutative, so the answer depends on the order of the operations
+  and no counting shortcut exists. One operation per step; chance is about 1/3.
 """
 
 import dataclasses
@@ -14,7 +18,7 @@ import numbers
 import random
 from typing import Sequence
 
-TASKS = ("parity", "carry")
+TASKS = ("parity", "carry", "s3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +50,17 @@ def _carry(rng: random.Random, g: int) -> Problem:
     return Problem(" ".join(pairs) + "=", str(carry), g)
 
 
-_MAKERS = {"parity": _parity, "carry": _carry}
+def _s3(rng: random.Random, g: int) -> Problem:
+    """`g` operations on x in Z3 from x = 0 (`1`: x + 1, `2`: -x), and the final x."""
+    ops, x = [], 0
+    for _ in range(g):
+        op = rng.randrange(1, 3)
+        x = (x + 1) % 3 if op == 1 else (-x) % 3
+        ops.append(op)
+    return Problem("".join(map(str, ops)) + "=", str(x), g)
+
+
+_MAKERS = {"parity": _parity, "carry": _carry, "s3": _s3}
 
 
 def generate(task: str, num: int, *, seed: int, difficulties: Sequence[int]) -> list[Problem]:
