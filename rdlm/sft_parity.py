@@ -1,6 +1,6 @@
 """Fine-tuning evidence: chat SFT of a run on its own problems, and test-time scaling before and after.
 
-    python -m rdlm.sft_parity --base=runs/tiny --workdir=runs/tiny_sft [--num_steps=200]
+    python -m rdlm.sft_parity --base=runs/tiny_window --workdir=runs/tiny_sft [--num_steps=200]
 
 It writes the base run's built-in problems (rdlm.data.tasks) as chat conversations, a user turn holding the
 problem and an assistant turn holding the problem again, then the answer (`--assistant_restates`; only the
@@ -132,9 +132,9 @@ def score(model, config, num_steps, task_specs) -> dict:
 
 def main(argv):
     if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}; flags look like --base=runs/tiny.")
+        cli.fail(f"unexpected arguments {argv[1:]}; flags look like --base=runs/tiny_window.")
     if not _BASE.value or not _WORKDIR.value:
-        cli.fail("--base and --workdir are required, e.g. --base=runs/tiny --workdir=runs/tiny_sft.")
+        cli.fail("--base and --workdir are required, e.g. --base=runs/tiny_window --workdir=runs/tiny_sft.")
     import ml_collections
 
     from rdlm import checkpoint_io

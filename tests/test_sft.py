@@ -27,8 +27,9 @@ def test_sft_config_takes_model_and_depth_from_the_checkpoint(huginn_tiny_dir):
     assert (c.recurrence.mean, c.recurrence.backprop, c.recurrence.fixed) == (8, 4, 0)  # the paper's depth sampling
     assert (c.optim.schedule, c.optim.warmup_steps, c.data.source, c.data.seq_len) == ("warmup_constant", 20,
                                                                                         "arrayrecord", 128)
-    named = sft.get_config("tiny")
+    named = sft.get_config("tiny_window")
     assert named.init_from == "" and named.model.attention_window == 2 and named.optim.lr == 1e-5
+    assert sft.get_config("tiny").model.attention_window is None  # the main job is exact Huginn
 
 
 def _conversations(n):
