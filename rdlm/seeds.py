@@ -64,8 +64,7 @@ def chance_by_label(problems: dict[str, list], result: dict, buckets) -> dict[st
     answers = collections.defaultdict(collections.Counter)
     for task, ps in problems.items():
         for p in ps:
-            label = f"{task}/{heldout.bucket_of(p.difficulty, buckets)}{'' if p.difficulty in trained else '*'}"
-            answers[label][p.answer] += 1
+            answers[heldout.problem_label(task, p.difficulty, buckets, p.difficulty in trained)][p.answer] += 1
     return {label: max(c.values()) / sum(c.values()) for label, c in answers.items()}
 
 

@@ -101,6 +101,11 @@ def bucket_of(difficulty: int, buckets: list[tuple[int, int]]) -> str:
     return str(difficulty)
 
 
+def problem_label(task: str, difficulty: int, buckets: list[tuple[int, int]], trained: bool) -> str:
+    """A held-out problem's table column, e.g. 's3/9-16', with '*' when training never saw its difficulty."""
+    return f"{task}/{bucket_of(difficulty, buckets)}{'' if trained else '*'}"
+
+
 def accuracy_table(correct_by_r: dict[int, np.ndarray], labels: list[str], trained: list[bool] | None = None) -> dict:
     """Overall and per-label (e.g. 'parity/9-16') accuracy for each r.
 
@@ -205,7 +210,7 @@ def recurrence_scaling(config, model, params, mesh, rules, batches=None, eval_st
         buckets = parse_buckets(config.eval.difficulty_buckets)
         trained_difficulties = {int(d) for d in config.data.builtin.difficulties}
         trained = [p.difficulty in trained_difficulties for _, p in flat]
-        labels = [f"{task}/{bucket_of(p.difficulty, buckets)}{'' if ok else '*'}" for (task, p), ok in zip(flat, trained)]
+        labels = [problem_label(task, p.difficulty, buckets, ok) for (task, p), ok in zip(flat, trained)]
         by_difficulty = sorted(zip([(task, p.difficulty) for task, p in flat], labels))
         order = list(dict.fromkeys(label for _, label in by_difficulty))  # buckets by task, then difficulty
         run = ReasoningEval(model, mesh, rules, batch_size=config.eval.batch_size, init_scale=config.eval.init_scale)
