@@ -110,4 +110,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.difficulty_buckets = ""  # Table columns, e.g. '1-4,5-8,9-16'; '' = powers of two.
     c.eval.init_scale = 1.0  # Initial-state scale at evaluation (the reference's default draw).
     c.eval.seed = 1234  # Seeds the initial states drawn at evaluation.
+
+    # python -m rdlm.bench (any config can be benchmarked; configs/bench_cpu.py is the reference shape).
+    c.bench = ml_collections.ConfigDict()
+    c.bench.num_steps = (24, 8)  # train: (n, k), n iterations without gradient, then k with.
+    c.bench.steps = 10  # train: timed steps after warm-up (the median is reported).
+    c.bench.warmup_steps = 2  # train: untimed steps after the compile.
+    c.bench.sweep_n = (0, 4, 12, 24, 56, 120)  # sweep: n at the bench's k (r = n + k from 8 to 128).
+    c.bench.sweep_steps = 3  # sweep: timed steps per n.
+    c.bench.prompt_len = 32  # generate: tokens per prompt.
+    c.bench.new_tokens = 32  # generate: tokens generated after each prompt.
+    c.bench.gen_num_steps = 16  # generate: core iterations per token (r) unless --num_steps is given.
+    c.bench.gen_prompts = 8  # generate: prompts per timed pass (a multiple of --batch).
+    c.bench.gen_repeats = 5  # generate: timed passes after the warm-up (rounds with --compare; medians reported).
+    c.bench.gen_init_scale = 0.0  # generate: initial-state scale; 0 (zero state) makes greedy tokens deterministic.
+    c.bench.seed = 0  # Params, data and initial states.
     return c

@@ -20,7 +20,7 @@ from rdlm.program import model_config_from
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs import bench_cpu  # noqa: E402
+from configs import bench_cpu, tiny  # noqa: E402
 
 # A reduced bench_cpu: the same code paths, small enough to compile and run in seconds.
 SMALL = dict(n_embd=32, n_heads=2, intermediate_size=64, vocab_size=128, block_size=32,
@@ -45,7 +45,8 @@ def assert_positive_finite(result, keys):
 
 
 def test_train_prints_one_json_line_with_every_key():
-    cmd = [sys.executable, "-m", "rdlm.bench", "train", "--config=configs/bench_cpu.py", *SMALL_FLAGS,
+    """On the main job's config (any config has the bench section), reduced to the small shape."""
+    cmd = [sys.executable, "-m", "rdlm.bench", "train", "--config=configs/tiny.py", *SMALL_FLAGS,
            "--num_steps=3,1", "--steps=2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -56,7 +57,7 @@ def test_train_prints_one_json_line_with_every_key():
     assert_positive_finite(result, [k for k in bench.TRAIN_KEYS if k != "num_steps"])
     assert 0 < result["mfu"] <= 1
     assert result["num_steps"] == [3, 1]
-    model_config = ModelConfig(**{**bench_cpu.get_config().model.to_dict(), **SMALL}, mean_recurrence=32)
+    model_config = ModelConfig(**{**tiny.get_config().model.to_dict(), **SMALL}, mean_recurrence=8)
     assert result["model_flops_per_token"] == metrics.model_flops_per_token(model_config, 16, 3, 1)
     assert result["tokens_per_s"] == pytest.approx(2 * 16 / result["step_s_median"], rel=1e-2)
     assert result["achieved_tflops"] == pytest.approx(result["mfu"] * result["peak_tflops"], rel=2e-2, abs=2e-4)
@@ -108,10 +109,12 @@ def test_generate_reports_speed_steps_and_agreement():
     assert_positive_finite(result, ("new_tokens_per_s", "cpu_new_tokens_per_s", "seconds", "compile_s",
                                     "mean_steps_per_token", "speedup", "cpu_speedup"))
     assert 1 <= result["mean_steps_per_token"] <= 3 and 0 <= result["agreement"] <= 1
-    assert result["new_tokens"] == 4 and result["prompts"] == 2 and result["check_every"] == 4
+    assert result["new_tokens"] == 4 and result["prompts"] == 2 and result["check_every"] == 3
     assert result["baseline"]["mean_steps_per_token"] == 3  # fixed depth
+    assert 1 <= result["mean_prompt_steps"] <= 3 and result["exit_in_prefill"] is True
     plain = bench_generate.bench_generate(config, bench_generate.Variant(), model_config=model_config_from(config))
     assert plain["agreement"] == 1.0 and "speedup" not in plain and "exit" not in plain
+    assert plain["mean_prompt_steps"] == 3  # no exit: the prompt at full depth
 
 
 def _generate(config, **variant):
@@ -139,12 +142,25 @@ def _with(config, **bench_fields):
         (lambda c: _generate(c, dtype="float16"), r"--dtype='float16' is not one of float32, bfloat16"),
         (lambda c: _generate(c, sampler="parallel", exit="kl"), r"--exit works with --sampler=sequential"),
         (lambda c: _generate(c, check_every=2), r"--check_every needs an --exit criterion"),
+        (lambda c: _generate(c, exit_in_prefill=False), r"--noexit_in_prefill needs an --exit criterion"),
         (lambda c: bench.parse_gen_steps("8,2"), r"--num_steps='8,2' must be one integer >= 1 for generate"),
     ],
 )
 def test_bad_arguments_get_one_clear_sentence(call, message):
     with pytest.raises(ValueError, match=message):
         call(small_config())
+
+
+def test_every_shipped_config_can_be_benchmarked():
+    """The bench section lives in configs/base.py, so `rdlm.bench train --config=configs/tiny.py` (or 3b5)
+    runs (test_train_prints_one_json_line_with_every_key runs tiny) instead of AttributeError: 'bench'."""
+    import importlib
+
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        if path.stem in ("__init__", "base"):
+            continue
+        config = importlib.import_module(f"configs.{path.stem}").get_config()
+        assert len(config.bench.num_steps) == 2 and config.bench.steps >= 1, path.name
 
 
 def test_cli_error_is_one_line():
