@@ -3,7 +3,8 @@
     python -m rdlm.bench train --config=configs/bench_cpu.py [--config.x=y] [--num_steps=N,K] [--steps=S]
         [--trace_dir=DIR]
     python -m rdlm.bench generate [--checkpoint=runs/tiny] [--num_steps=32] [--exit=kl:5e-4] [--check_every=C]
-        [--sampler=sequential|speculative|parallel] [--dtype=float32|bfloat16] [--batch=B] [--compare]
+        [--noexit_in_prefill] [--sampler=sequential|speculative|parallel] [--dtype=float32|bfloat16] [--batch=B]
+        [--compare]
     python -m rdlm.bench sweep --config=configs/bench_cpu.py [--sweep_n=0,24,120] [--out=sweep.png]
 
 `train` prints one JSON line: compile time, median step time, tokens/s, model FLOPs per token
@@ -264,6 +265,10 @@ _CHECKPOINT = flags.DEFINE_string(
 _CHECK_EVERY = flags.DEFINE_integer(
     "check_every", 0, "generate: check the exit criterion every C iterations; 0 = its default.", flag_values=FLAGS
 )
+_EXIT_IN_PREFILL = flags.DEFINE_boolean(
+    "exit_in_prefill", True, "generate: the prompt's iterations stop by the exit criterion too (the reference's "
+    "default); --noexit_in_prefill runs the prompt at full depth.", flag_values=FLAGS
+)
 _SAMPLER = flags.DEFINE_string("sampler", "sequential", "generate: sequential, speculative or parallel.",
                                flag_values=FLAGS)
 _DTYPE = flags.DEFINE_string("dtype", "float32", "generate: float32 or bfloat16 weights and compute.",
@@ -300,7 +305,7 @@ def run_generate(config) -> dict:
     from rdlm import bench_generate
 
     variant = bench_generate.Variant(sampler=_SAMPLER.value, exit=_EXIT.value, check_every=_CHECK_EVERY.value,
-                                     dtype=_DTYPE.value, batch=_BATCH.value)
+                                     exit_in_prefill=_EXIT_IN_PREFILL.value, dtype=_DTYPE.value, batch=_BATCH.value)
     model_config = None if _CHECKPOINT.value else model_config_from(config)
     return bench_generate.bench_generate(config, variant, checkpoint=_CHECKPOINT.value,
                                          num_steps=parse_gen_steps(_NUM_STEPS.value), compare=_COMPARE.value,

@@ -1,7 +1,8 @@
 """`python -m rdlm.bench generate`: new tokens/s, iterations per token and agreement with plain greedy decoding.
 
     python -m rdlm.bench generate --checkpoint=runs/tiny --num_steps=32 [--exit=kl:5e-4] [--check_every=C]
-        [--sampler=sequential|speculative|parallel] [--dtype=float32|bfloat16] [--batch=B] [--compare]
+        [--noexit_in_prefill] [--sampler=sequential|speculative|parallel] [--dtype=float32|bfloat16] [--batch=B]
+        [--compare]
 
 With --checkpoint the model is a trained one (a workdir, an Orbax step or an HF directory) and the
 prompts come from its run's held-out data through its own tokenizer: windows of held-out code and the
@@ -13,6 +14,8 @@ after each of `bench.gen_prompts` prompts of `bench.prompt_len` tokens, `batch` 
 baseline: sequential fixed-depth float32 greedy decoding at batch 1 and the same num_steps, on the
 same prompts. `diverged_prompts` counts the rows with any difference: after one different token a
 row's continuation is another text, so agreement falls in steps of up to 1/prompts.
+`mean_prompt_steps` (sequential sampler) is the iterations a prompt ran: with an exit criterion the
+prompt stops by it too, as in the reference, unless --noexit_in_prefill.
 
 --compare times baseline and variant alternately in this process (`bench.gen_repeats` rounds, the
 order swapped every round) and reports the median of the per-round speed-ups, which is what a
@@ -43,6 +46,7 @@ class Variant:
     sampler: str = "sequential"
     exit: str = ""  # 'criterion[:threshold]' (sequential only); '' = fixed depth
     check_every: int = 0  # 0: the criterion's default (rdlm.sampling.exits.DEFAULT_CHECK_EVERY)
+    exit_in_prefill: bool = True  # the prompt's iterations stop by the criterion too (the reference's default)
     dtype: str = "float32"
     batch: int = 1
     parallel: sampling.ParallelSettings = sampling.ParallelSettings()  # the parallel sampler's wavefront
@@ -58,6 +62,8 @@ class Variant:
             raise ValueError(f"--check_every={self.check_every} must be >= 0 (0: the criterion's default).")
         if self.check_every and not self.exit:
             raise ValueError("--check_every needs an --exit criterion.")
+        if not self.exit_in_prefill and not self.exit:
+            raise ValueError("--noexit_in_prefill needs an --exit criterion.")
         if self.batch < 1:
             raise ValueError(f"--batch={self.batch} must be >= 1.")
 
@@ -67,7 +73,8 @@ class Variant:
         if self.exit:
             criterion = sampling.parse_exit(self.exit)
             interval = sampling.SamplerOptions(num_steps=num_steps, exit=criterion, check_every=self.check_every)
-            out.update(exit=f"{criterion.name}:{criterion.threshold}", check_every=interval.check_interval)
+            out.update(exit=f"{criterion.name}:{criterion.threshold}", check_every=interval.check_interval,
+                       exit_in_prefill=self.exit_in_prefill)
         if self.sampler == "parallel":
             out.update(self.parallel.describe(num_steps))
         if self.sampler == "speculative":
@@ -101,8 +108,10 @@ def make_runner(config: ModelConfig, params, variant: Variant, work: Workload):
         extra = {}
         if variant.sampler == "sequential":
             out = sampling.generate(config, params, prompts, rng=rng, check_every=variant.check_every,
+                                    exit_in_prefill=variant.exit_in_prefill,
                                     exit_criterion=criterion and criterion.name,
                                     exit_threshold=criterion and criterion.threshold, **common)
+            extra = {"prompt_steps": int(np.sum(out.prompt_steps))}
         elif variant.sampler == "speculative":
             out = sampling.generate_speculative(config, params, prompts, rng=rng, **SPECULATIVE, **common)
             extra = {"drafted": int(np.sum(out.drafted)), "accepted": int(np.sum(out.accepted))}
@@ -239,6 +248,9 @@ def bench_generate(bench_config, variant: Variant, *, checkpoint: str = "", num_
         if compare:
             ratios.append(base_passes[-1].seconds / passes[-1].seconds)
             cpu_ratios.append(base_passes[-1].cpu_seconds / passes[-1].cpu_seconds)
+    extra = dict(passes[-1].extra)
+    if "prompt_steps" in extra:  # iterations of each prompt, whose exit (in prefill) the variant may take
+        extra["mean_prompt_steps"] = _sig(extra.pop("prompt_steps") / count)
     result = {
         "checkpoint": checkpoint or "(random init)",
         **variant.options(work.num_steps),
@@ -253,7 +265,7 @@ def bench_generate(bench_config, variant: Variant, *, checkpoint: str = "", num_
         **_summary(passes),
         "agreement": _sig(float(np.mean(passes[-1].tokens == reference))),
         "diverged_prompts": int(np.sum(np.any(passes[-1].tokens != reference, axis=1))),
-        **passes[-1].extra,
+        **extra,
     }
     if compare:
         result["baseline"] = _summary(base_passes)

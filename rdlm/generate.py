@@ -32,6 +32,10 @@ _EXIT = flags.DEFINE_string(
 _CHECK_EVERY = flags.DEFINE_integer(
     "check_every", 0, "Check the exit criterion every C iterations; 0 = the criterion's default.", flag_values=FLAGS
 )
+_EXIT_IN_PREFILL = flags.DEFINE_boolean(
+    "exit_in_prefill", True, "The prompt's iterations stop by the exit criterion too (the reference's default); "
+    "--noexit_in_prefill runs the prompt at full depth.", flag_values=FLAGS
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "Weights and compute.", flag_values=FLAGS)
 _SAMPLER = flags.DEFINE_enum("sampler", "sequential", SAMPLERS, "Decoding algorithm.", flag_values=FLAGS)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.", flag_values=FLAGS)
@@ -96,6 +100,7 @@ def generate_text(
     kv_share: int = 0,
     min_steps: int = 0,
     check_every: int = 0,
+    exit_in_prefill: bool = True,
     continuous: bool = False,
     dtype: str = "float32",
     draft_steps: int = 4,
@@ -145,10 +150,12 @@ def generate_text(
             exit_threshold=criterion and criterion.threshold,
             min_steps=min_steps,
             check_every=check_every,
+            exit_in_prefill=exit_in_prefill,
             kv_share=kv_share or None,
             continuous=continuous,
             **common,
         )
+        extra["prompt_steps"] = int(jax.device_get(out.prompt_steps)[0])  # fewer than num_steps if it exited
     elif sampler == "speculative":
         out = sampling.generate_speculative(
             config, params, [ids], draft_steps=draft_steps, lookahead=lookahead, kv_share=kv_share or None, **common
@@ -194,6 +201,7 @@ def main(argv):
         kv_share=_KV_SHARE.value,
         min_steps=_MIN_STEPS.value,
         check_every=_CHECK_EVERY.value,
+        exit_in_prefill=_EXIT_IN_PREFILL.value,
         continuous=_CONTINUOUS.value,
         dtype=_DTYPE.value,
         draft_steps=_DRAFT_STEPS.value,

@@ -58,9 +58,10 @@ def test_second_call_does_not_recompile(tiny):
     greedy(config, params, exp["input_ids"][:1, :8], 8, exit_criterion="kl", exit_threshold=0.1, check_every=2)
     kl = decode.cached_sampler(config, SamplerOptions.build(num_steps=8, init_scale=0.0, exit_criterion="kl").static())
     assert kl.decode._cache_size() == 1
+    prefills = decode.prefill._cache_size()  # the prompt exits by the same criterion, with the same knobs
     greedy(config, params, exp["input_ids"][1:2, 3:11], 8, exit_criterion="kl", exit_threshold=0.01, check_every=1,
            min_steps=1)  # threshold, check_every and min_steps are knobs: the same program
-    assert kl.decode._cache_size() == 1
+    assert (kl.decode._cache_size(), decode.prefill._cache_size()) == (1, prefills)
 
 
 def _program_size(config, params, prompt, options: SamplerOptions) -> int:

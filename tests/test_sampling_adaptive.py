@@ -70,6 +70,24 @@ def test_kl_exit_matches_reference_decoder(tiny, reference, check_every, min_ste
     assert all((s - first) % check_every == 0 or s == R for s in steps), steps
 
 
+@pytest.mark.parametrize("exit_in_prefill", [True, False])
+def test_the_prompt_exits_by_the_criterion_unless_told_not_to(tiny, reference, exit_in_prefill):
+    """The reference checks the criterion in the prefill too (its do_not_exit_in_prefill=False default): the
+    prompt block stops at a check on its last position's distribution and its skipped KV slots repeat
+    the last iteration's entries; exit_in_prefill=False runs it at full depth."""
+    config, params, exp = tiny
+    prompt = exp["input_ids"][0, :8].tolist()
+    st = kl_run(config, params, [prompt], 0.01, exit_in_prefill=exit_in_prefill)
+    tokens, steps = reference.generate(prompt, NEW, R, kl_threshold=0.01, exit_in_prefill=exit_in_prefill)
+    np.testing.assert_array_equal(np.asarray(st.tokens_BN)[0], tokens)
+    np.testing.assert_array_equal(np.asarray(st.steps_BM)[0], steps)
+    core_k = np.asarray(st.cache.core[0])  # [C, Lc, B, H, K, T]
+    repeated = [np.array_equal(core_k[R - 1, :, 0, ..., q], core_k[R - 2, :, 0, ..., q]) for q in range(7)]
+    assert all(repeated) if exit_in_prefill else not any(repeated), repeated
+    prompt_steps = int(np.asarray(st.prompt_steps_B)[0])
+    assert prompt_steps < R if exit_in_prefill else prompt_steps == R
+
+
 def test_an_exited_token_leaves_its_deepest_entry_in_skipped_slots(tiny):
     config, params, exp = tiny
     st = kl_run(config, params, exp["input_ids"][:1, :8], 0.01)

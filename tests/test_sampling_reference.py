@@ -1,11 +1,13 @@
 """A slow, independent reference for rdlm.sampling (imported by the sampling tests; holds no tests).
 
 Batch 1, greedy. KL exit is checked after iterations max(min_steps, 1) + j * check_every, against the
-distribution of the previous check. The prompt but its last token is one block at full depth; after that one token at a
-time, with every KV entry kept in a dict keyed by (iteration, position) and read with the
-reference's lookup: a token that ran e iterations is read at min(i, e - 1) (`latest-m4`), and with
-KV sharing iteration i reads what its slot holds at the end, the last iteration i' < r with
-i' = i mod c (a frozen token counts as repeating its last entry).
+distribution of the previous check. The prompt but its last token is one block, which stops at a check
+by the same KL test on its last position's distribution (the reference's default; with
+exit_in_prefill=False it runs at full depth); after that one token at a time, with every KV entry
+kept in a dict keyed by (iteration, position) and read with the reference's lookup: a token that
+ran e iterations is read at min(i, e - 1) (`latest-m4`), and with KV sharing iteration i reads what
+its slot holds at the end, the last iteration i' < r with i' = i mod c (a frozen token counts as
+repeating its last entry).
 """
 
 import functools
@@ -55,7 +57,7 @@ class ReferenceDecoder:
         return float(np.sum(np.exp(prev) * (prev - logp))) < threshold, logp
 
     def generate(self, prompt, max_new: int, r: int, *, share=None, kl_threshold=None, min_steps=0,
-                 continuous=False, check_every=1):
+                 continuous=False, check_every=1, exit_in_prefill=True):
         cfg, T, V = self.config, self.T, self.config.vocab_size
         tokens = [int(t) for t in prompt]
         P = len(tokens) - 1
@@ -67,15 +69,23 @@ class ReferenceDecoder:
         state = np.zeros((1, width, cfg.n_embd), np.float32)
         for q in range(P):
             prelude[q] = (kv[0][:, 0, q], kv[1][:, 0, q])
+        first = max(min_steps, 1)  # checks after iterations first, first + check_every, ...
+        prev, n = np.full((V,), -np.log(V), np.float32), 0
         for i in range(r):
             state, kv = self._iterate(state, e, pos, seg, None, None)
             kv = _np(kv)
             for q in range(P):
                 core[(i, q)] = (kv[0][:, 0, q], kv[1][:, 0, q])
+            n = i + 1
+            if exit_in_prefill and kl_threshold is not None and n >= first and (n - first) % check_every == 0:
+                logits, _, _ = self._decode(state, pos, seg, None, None)
+                stop, prev = self._kl_exit(logits[0, max(P - 1, 0)], prev, kl_threshold)
+                if stop:
+                    break
         _, _, kv = self._decode(state, pos, seg, None, None)
         kv = _np(kv)
         for q in range(P):
-            coda[q], ran[q] = (kv[0][:, 0, q], kv[1][:, 0, q]), r
+            coda[q], ran[q] = (kv[0][:, 0, q], kv[1][:, 0, q]), n
         steps, last_state = [], np.zeros((1, 1, cfg.n_embd), np.float32)
         for _ in range(max_new):
             p = len(tokens) - 1
@@ -94,7 +104,6 @@ class ReferenceDecoder:
                 state, kv = self._iterate(state, e, pos, seg, self._past(picked, before), mask)
                 kv = _np(kv)
                 core[(i, p)], n = (kv[0][:, 0, 0], kv[1][:, 0, 0]), i + 1
-                first = max(min_steps, 1)  # checks after iterations first, first + check_every, ...
                 if kl_threshold is not None and n >= first and (n - first) % check_every == 0:
                     logits, _, _ = self._decode(state, pos, seg, self._past(coda, before), mask)
                     stop, prev = self._kl_exit(logits[0, -1], prev, kl_threshold)

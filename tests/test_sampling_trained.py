@@ -98,7 +98,7 @@ def test_bench_generate_on_the_checkpoint_prints_every_figure(trained):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["checkpoint"] == str(workdir) and result["prompt_kinds"] == {"code": 1, "problem": 1}
-    assert result["exit"] == "kl:0.0005" and result["check_every"] == 4 and result["num_steps"] == 8
+    assert result["exit"] == "kl:0.0005" and result["check_every"] == 3 and result["num_steps"] == 8
     for key in ("new_tokens_per_s", "cpu_new_tokens_per_s", "compile_s", "speedup", "cpu_speedup"):
         assert result[key] > 0, key
     assert 1 <= result["mean_steps_per_token"] <= 8 and 0 <= result["agreement"] <= 1

@@ -3,7 +3,8 @@
 Both run rdlm.sampling's cached block (`run_block`): each row's context but its last token is
 prefilled at full depth, then each step feeds one token, with an optional adaptive exit per token,
 and reads the next-token distribution. Generation appends the greedy token until a stop id or the
-budget (its prompt runs at full depth, as in rdlm.sampling); scoring feeds given tokens instead and
+budget (with an exit the engine feeds the prompt one token at a time too, so every prompt token
+exits on its own); scoring feeds given tokens instead and
 records their log-probabilities (the engine starts it from the first token, so that with an exit
 every token's compute is adaptive). The number of iterations r is a traced argument and the cache
 holds `depth` slots (the largest r evaluated), so one compiled program serves every r <= depth for

@@ -136,7 +136,7 @@ class Engine:
             seeds = np.zeros((self.rows,), np.uint32)
             seeds[:len(chunk)] = [request_seed(prompts[i]) for i in chunk]
             budget = np.zeros((self.rows,), np.int32)
-            if exit is None:  # the prompt prefilled at full depth, as rdlm.sampling does
+            if exit is None:  # the prompt prefilled at full depth
                 context, lengths = self._context_batch([prompts[i] for i in chunk], P)
                 forced, forced_len = np.zeros((self.rows, max_gen_toks), np.int32), budget.copy()
             else:  # every token one at a time through the exit, prompt included

@@ -63,8 +63,8 @@ def run_block(
     """Runs row b's tokens at positions start_B[b] + [0, S), attending to its cached slots below start_B[b].
 
     `fresh` (prefill) skips the cache reads. Rows with active_B False do no iterations. With `exit`,
-    `knobs` give its threshold, min_steps and check_every; distribution criteria read the block's last
-    position.
+    `knobs` give its threshold, min_steps and check_every; distribution criteria read each row's last
+    valid position.
     """
     cfg = model.config
     apply = functools.partial(model.apply, {"params": params})
@@ -85,6 +85,7 @@ def run_block(
     cache = cache.write_prelude(kv, positions_BS)
     state = init_BSD.astype(cfg.compute_dtype)
     head_in_loop = exit is not None and exit.uses_logits
+    last_B = jnp.maximum(jnp.sum(valid_BS, axis=1, dtype=jnp.int32) - 1, 0)  # each row's last real position
     coda_past = past(cache.coda_kv)  # the loop writes no coda entries: the final head does
 
     def head_logits(state_BSD):
@@ -114,7 +115,8 @@ def run_block(
 
                 def checked(_):
                     out, kv = head_logits(state_BSD)
-                    es, _, stop = exit.update(c.exit_state, out[:, -1], state_BSD, valid_BS, knobs.exit_threshold)
+                    last_BV = jnp.take_along_axis(out, last_B[:, None, None], axis=1)[:, 0]
+                    es, _, stop = exit.update(c.exit_state, last_BV, state_BSD, valid_BS, knobs.exit_threshold)
                     return es, stop, out, kv
 
                 def unchecked(_):

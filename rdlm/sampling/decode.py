@@ -3,6 +3,7 @@
     out = generate(config, params, [[1, 5, 9], [1, 7]], max_new_tokens=16, num_steps=32)
     out.tokens           # [B, P + 16]: each row's prompt, its new tokens, then pad
     out.steps_per_token  # [B, 16]: core iterations each new token used (0 after a row ended)
+    out.prompt_steps     # [B]: core iterations of each prompt (fewer than 32 when an exit stops it)
 
 `Sampler(config, options)` holds the compiled functions; calling it again with the same shapes
 reuses them (generate() keeps a few Samplers around for the same reason).
@@ -22,6 +23,7 @@ from rdlm.model.layers import unstack_layers
 from rdlm.sampling import logits as logits_lib
 from rdlm.sampling.block import run_block
 from rdlm.sampling.cache import KVCache
+from rdlm.sampling.exits import ExitCriterion
 from rdlm.sampling.options import Knobs, SamplerOptions
 from rdlm.sampling.prompts import prepare_prompts
 
@@ -31,6 +33,7 @@ class GenerateOutput:
     tokens: jax.Array  # [B, P + max_new_tokens] int32: prompt (right-padded rows), new tokens, pad
     steps_per_token: jax.Array  # [B, max_new_tokens] int32 core iterations per new token; 0 = not generated
     prompt_lengths: jax.Array  # [B] int32
+    prompt_steps: jax.Array | None = None  # [B] int32 core iterations of each row's prompt (sequential sampler)
 
     def new_tokens(self) -> list[list[int]]:
         """Each row's generated tokens (through its stop token, if it emitted one)."""
@@ -49,6 +52,7 @@ class SamplingState:
     num_new_B: jax.Array  # new tokens emitted per row
     done_B: jax.Array  # the row emitted a stop token or its max_new_tokens
     steps_BM: jax.Array  # [B, max_new] iterations per new token
+    prompt_steps_B: jax.Array  # iterations the prompt ran (fewer than num_steps only with an exit in prefill)
     state_BD: jax.Array  # final state of each row's newest position (continuous chain-of-thought)
     rng: jax.Array
 
@@ -77,14 +81,16 @@ def initial_states(config: ModelConfig, init_scale: float, rng, shape):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "kv_share", "init_scale", "max_new_tokens",
-                                             "extra_length"))
-def prefill(params, prompt_BP, lengths_B, rng, pad_id, *, config: ModelConfig, num_steps: int,
-            kv_share: int | None, init_scale: float, max_new_tokens: int, extra_length: int = 0) -> SamplingState:
-    """Caches every prompt token but each row's last (at full depth) in a fresh cache of P + max_new + extra slots.
+                                             "extra_length", "exit"))
+def prefill(params, prompt_BP, lengths_B, rng, knobs: Knobs, *, config: ModelConfig, num_steps: int,
+            kv_share: int | None, init_scale: float, max_new_tokens: int, extra_length: int = 0,
+            exit: ExitCriterion | None = None) -> SamplingState:
+    """Caches every prompt token but each row's last in a fresh cache of P + max_new + extra slots.
 
     The last prompt token becomes the row's newest token: the decode loop feeds it and emits the
     first new token, so prefill needs no head and is shared by every sampler with these settings.
-    (The prompt context always runs at full depth; the first adaptive token is the last prompt token.)
+    The prompt runs num_steps iterations, or, with `exit`, until the criterion (with `knobs`' threshold,
+    min_steps and check_every) stops each row's prompt block.
     """
     model = RecurrentLM(config)
     B, P = prompt_BP.shape
@@ -93,18 +99,19 @@ def prefill(params, prompt_BP, lengths_B, rng, pad_id, *, config: ModelConfig, n
     init = initial_states(config, init_scale, k_init, (B, P, config.n_embd))
     out = run_block(model, params, cache, prompt_BP, jnp.zeros((B,), jnp.int32),
                     jnp.arange(P)[None] < (lengths_B - 1)[:, None], init, jnp.ones((B,), bool),
-                    num_steps=num_steps, fresh=True, want_logits=False)
+                    num_steps=num_steps, exit=exit, knobs=knobs, fresh=True, want_logits=False)
     valid_BP = jnp.arange(P)[None] < lengths_B[:, None]
-    tokens_BN = jnp.full((B, P + max_new_tokens), pad_id, jnp.int32)
+    tokens_BN = jnp.full((B, P + max_new_tokens), knobs.pad_id, jnp.int32)
     return SamplingState(
         cache=out.cache,
-        tokens_BN=tokens_BN.at[:, :P].set(jnp.where(valid_BP, prompt_BP, pad_id)),
+        tokens_BN=tokens_BN.at[:, :P].set(jnp.where(valid_BP, prompt_BP, knobs.pad_id)),
         prompt_lengths_B=lengths_B,
         lengths_B=lengths_B - 1,
         last_token_B=jnp.take_along_axis(prompt_BP, (lengths_B - 1)[:, None], axis=1)[:, 0],
         num_new_B=jnp.zeros((B,), jnp.int32),
         done_B=jnp.zeros((B,), bool),
         steps_BM=jnp.zeros((B, max_new_tokens), jnp.int32),
+        prompt_steps_B=out.steps_B,
         state_BD=initial_states(config, init_scale, k_next, (B, config.n_embd)),
         rng=rng,
     )
@@ -114,9 +121,10 @@ def prefill_for(options: SamplerOptions, knobs: Knobs, config: ModelConfig, para
                 max_new_tokens: int, extra_length: int = 0, kv_share: int | None = None) -> SamplingState:
     """`prefill` with the options' settings. The cache gets 8k spare slots (k >= 1, enough for `extra_length`),
     so plain, speculative and parallel samplers of one shape share the compiled prefill."""
-    return prefill(params, prompt_BP, lengths_B, rng, knobs.pad_id, config=config, num_steps=options.num_steps,
+    exit = options.exit if options.exit_in_prefill else None
+    return prefill(params, prompt_BP, lengths_B, rng, knobs, config=config, num_steps=options.num_steps,
                    kv_share=kv_share, init_scale=options.init_scale, max_new_tokens=max_new_tokens,
-                   extra_length=8 * math.ceil(max(extra_length, 1) / 8))
+                   extra_length=8 * math.ceil(max(extra_length, 1) / 8), exit=exit)
 
 
 def decode_step(model: RecurrentLM, options: SamplerOptions, knobs: Knobs, params,
@@ -190,7 +198,8 @@ class Sampler:
                  options: SamplerOptions | None = None) -> GenerateOutput:
         st = self.run(params, prompt_ids, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths, rng=rng,
                       options=options)
-        return GenerateOutput(tokens=st.tokens_BN, steps_per_token=st.steps_BM, prompt_lengths=st.prompt_lengths_B)
+        return GenerateOutput(tokens=st.tokens_BN, steps_per_token=st.steps_BM, prompt_lengths=st.prompt_lengths_B,
+                              prompt_steps=st.prompt_steps_B)
 
 
 @functools.lru_cache(maxsize=8)
@@ -219,6 +228,7 @@ def generate(
     check_every: int = 0,
     kv_share: int | None = None,
     continuous: bool = False,
+    exit_in_prefill: bool = True,
     prompt_lengths=None,
     pad_id: int = 0,
 ) -> GenerateOutput:
@@ -229,12 +239,13 @@ def generate(
     exit_criterion: one of rdlm.sampling.exits.CRITERIA; exit_threshold None takes its default.
     check_every=C checks it every C iterations (0: the criterion's default, exits.DEFAULT_CHECK_EVERY).
     kv_share=c keeps c core KV slots per token (iteration i writes slot i mod c).
+    exit_in_prefill=False runs the prompt at full depth (the reference's do_not_exit_in_prefill=True).
     """
     options = SamplerOptions.build(
         num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         stop_tokens=stop_tokens, pad_id=pad_id, init_scale=init_scale, exit_criterion=exit_criterion,
         exit_threshold=exit_threshold, min_steps=min_steps, check_every=check_every, kv_share=kv_share,
-        continuous=continuous,
+        continuous=continuous, exit_in_prefill=exit_in_prefill,
     )
     options.check_vocab(config.vocab_size)
     sampler = cached_sampler(config, options.static())

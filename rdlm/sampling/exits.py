@@ -30,7 +30,7 @@ _USES_LOGITS = ("kl", "minp-kl", "entropy-diff", "argmax-stability")
 # Iterations between checks when SamplerOptions.check_every is 0. A logit criterion's check runs the
 # coda and the full-vocabulary head; a latent criterion's is a norm of the state and costs nothing.
 # Measured on the main job's model in docs/performance.md.
-DEFAULT_CHECK_EVERY = {name: 4 if name in _USES_LOGITS else 1 for name in CRITERIA}
+DEFAULT_CHECK_EVERY = {name: 3 if name in _USES_LOGITS else 1 for name in CRITERIA}
 _EPS = 1e-12
 
 

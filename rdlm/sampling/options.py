@@ -57,6 +57,10 @@ class SamplerOptions:
     check_every: int = 0
     kv_share: int | None = None  # core KV slots per token (None: one per iteration)
     continuous: bool = False  # start each token's state from the previous token's final raw state s_r
+    # The prompt's iterations stop by the exit criterion as well (checked on the prompt block as a whole:
+    # its last position's distribution, or its mean latent change), as in the reference, whose
+    # `do_not_exit_in_prefill` defaults to False. False runs the prompt at full depth.
+    exit_in_prefill: bool = True
 
     def __post_init__(self):
         _check_int("num_steps", self.num_steps, 1)
