@@ -62,6 +62,8 @@ def test_second_call_does_not_recompile(tiny):
     greedy(config, params, exp["input_ids"][1:2, 3:11], 8, exit_criterion="kl", exit_threshold=0.01, check_every=1,
            min_steps=1)  # threshold, check_every and min_steps are knobs: the same program
     assert (kl.decode._cache_size(), decode.prefill._cache_size()) == (1, prefills)
+    # without an exit, exit_in_prefill changes nothing and so compiles nothing new
+    assert SamplerOptions(num_steps=2, exit_in_prefill=False).static() == SamplerOptions(num_steps=2).static()
 
 
 def _program_size(config, params, prompt, options: SamplerOptions) -> int:

@@ -98,9 +98,11 @@ class SamplerOptions:
         return cls(stop_tokens=stops, exit=make_criterion(exit_criterion, exit_threshold), **fields)
 
     def static(self) -> "SamplerOptions":
-        """These options without the knob values: the key compiled code is specialised on."""
+        """These options without the knob values: the key compiled code is specialised on. Without an exit,
+        exit_in_prefill changes nothing, so both values share one key."""
         exit = None if self.exit is None else ExitCriterion(self.exit.name, DEFAULT_THRESHOLDS[self.exit.name])
-        return dataclasses.replace(self, exit=exit, min_steps=0, check_every=0, stop_tokens=(), pad_id=0)
+        return dataclasses.replace(self, exit=exit, min_steps=0, check_every=0, stop_tokens=(), pad_id=0,
+                                   exit_in_prefill=self.exit_in_prefill or exit is None)
 
     @property
     def check_interval(self) -> int:
