@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 
 from absl import app, flags
@@ -37,6 +38,9 @@ def fail(message: str) -> None:
     """Ends the process with `error: message` on stderr and exit code 2."""
     message = " ".join(str(message).split())
     print(message if message.startswith("error: ") else f"error: {message}", file=sys.stderr, flush=True)
+    # A write that failed under Orbax (a full disk) leaves its TensorStore coroutines unawaited; their warning at
+    # interpreter exit would follow the sentence, which must stay the last line.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     sys.exit(USAGE_ERROR)
 
 

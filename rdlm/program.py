@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from rdlm import optim, sharding, state as state_lib, steps
@@ -138,7 +139,18 @@ class TrainProgram:
     shardings: state_lib.TrainState  # NamedShardings of the state
     micro: MicroBatches
     batch_sharding: jax.sharding.NamedSharding
-    train_step: Callable  # jitted `(state, batch) -> (state, metrics)`, the state donated
+    key_sharding: jax.sharding.NamedSharding  # replicated
+    train_step: Callable  # jitted `(state, batch, key) -> (state, metrics)`, the state donated
+
+    def key(self, seed: int) -> jax.Array:
+        """The run's key for `train_step`: raw key data, replicated over the mesh (an argument, not a constant of
+        the program, so that seeds share one compiled step)."""
+        data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+        return jax.make_array_from_callback(data.shape, self.key_sharding, lambda index: data[index])
+
+    def abstract_key(self) -> jax.ShapeDtypeStruct:
+        shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=self.key_sharding)
 
     def abstract_batch(self, seq_len: int) -> dict:
         """Shapes of one step's batch (with a leading micro-batch axis when accumulating)."""
@@ -159,13 +171,15 @@ def build(config, mesh, rules) -> TrainProgram:
     abstract, shardings = state_lib.abstract_state(model, tx, mesh, rules, config.data.seq_len)
     accum = micro.grad_accum_steps
     batch_sharding = sharding.batch_sharding(mesh, rules, leading_dims=1 if accum > 1 else 0)
+    key_sharding = sharding.replicated(mesh)
     train_step = jax.jit(
-        steps.make_train_step(model, tx, schedule, config.recurrence, jax.random.key(config.train.seed), accum),
-        in_shardings=(shardings, batch_sharding),
+        steps.make_train_step(model, tx, schedule, config.recurrence, accum),
+        in_shardings=(shardings, batch_sharding, key_sharding),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    return TrainProgram(model_config, model, tx, schedule, abstract, shardings, micro, batch_sharding, train_step)
+    return TrainProgram(model_config, model, tx, schedule, abstract, shardings, micro, batch_sharding, key_sharding,
+                        train_step)
 
 
 def per_device_bytes(abstract, shardings) -> int:
@@ -187,7 +201,7 @@ def dry_run(config, devices=None) -> dict:
         program = build(config, mesh, rules)
         batch = program.abstract_batch(config.data.seq_len)
         start = time.perf_counter()
-        lowered = program.train_step.lower(program.abstract, batch)
+        lowered = program.train_step.lower(program.abstract, batch, program.abstract_key())
         lowered_at = time.perf_counter()
         compiled = lowered.compile()
         compiled_at = time.perf_counter()

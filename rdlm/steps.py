@@ -43,8 +43,10 @@ def weighted_loss(model: RecurrentLM, params, batch, num_steps, state_rng, init_
     return jnp.sum(ce * batch["weights"]), (jnp.sum(batch["weights"]), out)
 
 
-def make_train_step(model: RecurrentLM, tx, schedule, recurrence, rng, grad_accum_steps: int) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)`; with accumulation the batch has a leading micro-batch axis.
+def make_train_step(model: RecurrentLM, tx, schedule, recurrence, grad_accum_steps: int) -> Callable:
+    """`train_step(state, batch, rng) -> (state, metrics)`; with accumulation the batch has a leading micro-batch
+    axis. `rng` is the run's key (`train_key`): an argument, so runs that differ only in their seed share one
+    compiled step.
 
     One depth (n, k) is drawn per optimizer step from the run's rng and the step number, so every
     host and every micro-batch uses the same r; k is traced (at most `recurrence.backprop`). A step
@@ -57,7 +59,8 @@ def make_train_step(model: RecurrentLM, tx, schedule, recurrence, rng, grad_accu
         (loss_sum, (weight_sum, out)), grads = fn(params)
         return loss_sum, weight_sum, grads, out
 
-    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch, rng) -> tuple[TrainState, dict]:
+        rng = jax.random.wrap_key_data(rng)
         n, k = depth_for_step(recurrence, rng, state.step)
         state_rng = jax.random.fold_in(jax.random.fold_in(rng, _STATE_STREAM), state.step)
         if grad_accum_steps == 1:

@@ -130,6 +130,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
     first_step = int(jax.device_get(state.step))
 
     accum, batch_sharding, train_step = micro.grad_accum_steps, program.batch_sharding, program.train_step
+    train_key = program.key(config.train.seed)
     eval_step = jax.jit(steps.make_eval_step(model, config.eval.init_scale), out_shardings=sharding.replicated(mesh))
     eval_batches, task_hook = None, None
 
@@ -166,7 +167,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, rules) -> dict:
             batch = dict(next(data_iter))
             bad_records = int(np.sum(batch.pop(pipeline.BAD_RECORDS_KEY, 0)))
             batch = _global(fault_hooks.poison_batch(step + 1, batch), batch_sharding, config.train.batch_size, accum)
-            state, step_metrics = train_step(state, batch)
+            state, step_metrics = train_step(state, batch, train_key)
             step += 1
             reporter.add(step, step_metrics, data_state, bad_records)  # reports the step before: it is done by now
             if config.eval.every_steps and step % config.eval.every_steps == 0:

@@ -3,9 +3,9 @@ gcsfs is imported anywhere."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+import xla_env
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_env.xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and their subprocesses) compile the same small programs: one persistent XLA cache per session
 # compiles each once. It is keyed on the program, the flags and the devices, so results do not change.

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import xla_env
 from rdlm import checkpoint_io, metrics, orbax_steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -35,8 +36,8 @@ class Runs:
                 "--config.log.every_steps=1", *overrides]
 
     def env(self, **extra) -> dict:
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: a quick compile
-        env.update(JAX_PLATFORMS="cpu", RDLM_HUGE_PAGES="0", PYTHONUNBUFFERED="1",
+        env = dict(os.environ)  # XLA_FLAGS: one CPU device, a quick compile
+        env.update(XLA_FLAGS=xla_env.xla_flags(None), JAX_PLATFORMS="cpu", RDLM_HUGE_PAGES="0", PYTHONUNBUFFERED="1",
                    JAX_COMPILATION_CACHE_DIR=str(self.jax_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
         return env

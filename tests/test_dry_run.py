@@ -14,6 +14,7 @@ import jax
 import pytest
 
 import train_config
+import xla_env
 from rdlm import memory_plan, optim, program, sharding, state as state_lib, train
 from rdlm.model import RecurrentLM
 
@@ -84,8 +85,8 @@ def test_state_bytes_equal_the_shards_of_a_real_initialised_state(tiny_plan):
 
 def test_compiler_sees_the_same_arguments_and_the_state_is_donated(tiny_plan):
     p = tiny_plan[0]
-    step_bytes = 4
-    assert p["argument_bytes"] == p["param_bytes"] + p["opt_state_bytes"] + step_bytes + p["batch_bytes"]
+    step_bytes, key_bytes = 4, 8  # the step counter; the run's key (2 uint32), an argument of the step
+    assert p["argument_bytes"] == p["param_bytes"] + p["opt_state_bytes"] + step_bytes + p["batch_bytes"] + key_bytes
     assert p["alias_bytes"] == p["param_bytes"] + p["opt_state_bytes"] + step_bytes
     assert p["temp_bytes"] > 0
     assert p["per_device_bytes"] == p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"] + p[
@@ -162,7 +163,7 @@ def test_bad_mesh_is_one_sentence(config, message):
 
 
 def _run(module, *args, timeout=600, devices=""):
-    env = {**os.environ, "XLA_FLAGS": devices, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"{devices} {xla_env.OPTIMIZATION}".strip(), "JAX_PLATFORMS": "cpu"}
     env.pop(memory_plan._REEXEC_ENV, None)
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,

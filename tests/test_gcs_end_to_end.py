@@ -20,6 +20,7 @@ import pytest
 import huginn_tokenizer
 import test_id_corpora
 import train_config
+import xla_env
 from rdlm import checkpoint_io, generate, metrics, storage
 from rdlm.data import tokenizer as tokenizer_lib
 from rdlm.train import train_and_evaluate
@@ -35,7 +36,7 @@ def _parquet(url, rows, row_group_size=16):
 
 def _run(args, home, **kwargs):
     """`python -m ...` from the repository root, with the emulator's settings (inherited) and its own HOME."""
-    env = {**os.environ, "HOME": str(home), "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "HOME": str(home), "XLA_FLAGS": xla_env.xla_flags(8),
            "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)

@@ -11,6 +11,7 @@ import nbformat
 import pytest
 
 import huginn_tokenizer
+import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "colab_eval.ipynb"
@@ -39,7 +40,7 @@ def execute(tmp_path, monkeypatch, **env) -> nbformat.NotebookNode:
     """Runs the notebook top to bottom in a fresh kernel (which inherits these RDLM_* variables)."""
     from nbclient import NotebookClient
 
-    for key, value in {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    for key, value in {"XLA_FLAGS": xla_env.xla_flags(8), "JAX_PLATFORMS": "cpu",
                        "MPLBACKEND": "Agg", **env}.items():
         monkeypatch.setenv(key, value)
     nb = nbformat.read(NOTEBOOK, as_version=4)

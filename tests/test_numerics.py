@@ -36,7 +36,7 @@ def test_the_step_checks_finiteness_on_the_device_without_a_host_callback(tmp_pa
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         program = program_lib.build(config, mesh, rules)
         batch = program.abstract_batch(config.data.seq_len)
-        jaxpr, (_, out) = jax.make_jaxpr(program.train_step, return_shape=True)(program.abstract, batch)
+        jaxpr, (_, out) = jax.make_jaxpr(program.train_step, return_shape=True)(program.abstract, batch, program.abstract_key())
     text = str(jaxpr)
     assert "cond[" in text and "callback" not in text
     assert out["finite"].shape == () and out["finite"].dtype == jnp.int32
@@ -53,11 +53,12 @@ def test_a_nonfinite_step_applies_no_update_inside_the_jitted_step(monkeypatch, 
         poisoned = fault_hooks.poison_batch(1, _batch(config, 0))  # the data-path hook the fault tests use
         assert np.isnan(poisoned["weights"]).all()
         before = jax.device_get((state.params, state.opt_state))
-        state, out = program.train_step(state, poisoned)  # the state is donated: compare with the host copy
+        key = program.key(0)
+        state, out = program.train_step(state, poisoned, key)  # the state is donated: compare with the host copy
         assert int(out["finite"]) == 0 and np.isnan(float(out["loss"])) and int(state.step) == 1
         for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get((state.params, state.opt_state)))):
             assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-        state, out = program.train_step(state, _batch(config, 1))
+        state, out = program.train_step(state, _batch(config, 1), key)
         assert int(out["finite"]) == 1 and np.isfinite(float(out["loss"])) and int(state.step) == 2
         after = jax.device_get(state.params)
         assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(after)))

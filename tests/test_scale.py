@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import train_config
+import xla_env
 from rdlm import checkpoint, metrics, optim, sharding, state as state_lib
 from rdlm.model import RecurrentLM
 from rdlm.program import model_config_from
@@ -117,9 +118,9 @@ def test_two_processes_match_one_process(tmp_path, cache_dir):
         sys.executable, "-m", "rdlm.train", "--config=tests/train_config_cli.py", f"--config.data.cache_dir={cache_dir}",
         "--config.train.num_steps=4", "--config.checkpoint.every_steps=2", "--config.mesh.shape=(2,2,2)",
     ]
-    env8 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env8 = {**os.environ, "XLA_FLAGS": xla_env.xla_flags(8), "JAX_PLATFORMS": "cpu"}
     subprocess.run(base + [f"--workdir={tmp_path / 'one'}"], cwd=REPO, env=env8, check=True, capture_output=True, timeout=600)
-    env4 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env4 = {**os.environ, "XLA_FLAGS": xla_env.xla_flags(4), "JAX_PLATFORMS": "cpu"}
     port = _free_port()
     procs = [
         subprocess.Popen(

@@ -88,6 +88,27 @@ def test_runs_each_seed_once_and_reads_finished_runs_back(tmp_path):
     assert (tmp_path / "runs" / "seed_0" / report.SCALING_JSON).stat().st_mtime_ns == stamp
 
 
+def test_seeds_share_one_compiled_train_step(tmp_path):
+    """The run's key is an argument of the step, not a constant in it: another train.seed lowers the same program
+    (so the persistent compilation cache serves every seed after the first)."""
+    import flax.linen as nn
+    import jax
+
+    from rdlm import program as program_lib, sharding
+
+    texts, keys = [], []
+    for seed in (0, 1):
+        config = train_config.small_config(tmp_path / "cache", **{"train.seed": seed})
+        mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+        rules = sharding.check_rules(config.mesh.rules, mesh)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            program = program_lib.build(config, mesh, rules)
+            batch = program.abstract_batch(config.data.seq_len)
+            texts.append(program.train_step.lower(program.abstract, batch, program.abstract_key()).as_text())
+            keys.append(jax.device_get(program.key(seed)).tolist())
+    assert texts[0] == texts[1] and keys[0] != keys[1]
+
+
 def test_bad_seeds_flag_is_one_sentence(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rdlm.seeds", "--config=configs/tiny.py", f"--workdir={tmp_path}",
                           "--seeds=0,x"], cwd=REPO, capture_output=True, text=True, timeout=120)

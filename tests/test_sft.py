@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import huginn_tokenizer
+import xla_env
 from rdlm import checkpoint_io
 from rdlm.data import chat, prepare
 from rdlm.interop import convert
@@ -61,7 +62,7 @@ def _sft_args(workdir, base, shards):
         "--config.checkpoint.async_save=False", "--config.log.every_steps=1", "--config.eval.batch_size=8",
         "--config.eval.final_num_steps=(1, 4)",
     ]
-    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**__import__("os").environ, "XLA_FLAGS": xla_env.xla_flags(8), "JAX_PLATFORMS": "cpu"}
     return args, env
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import train_config
+import xla_env
 from rdlm import checkpoint, checkpoint_io, metrics
 from rdlm.data import builtin, pipeline
 from rdlm.train import train_and_evaluate
@@ -121,7 +122,7 @@ def _cli(workdir, cache_dir, *extra):
         sys.executable, "-m", "rdlm.train", "--config=tests/train_config_cli.py", f"--workdir={workdir}",
         f"--config.data.cache_dir={cache_dir}", *extra,
     ]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_env.xla_flags(8), "JAX_PLATFORMS": "cpu"}
     return args, env
 
 
