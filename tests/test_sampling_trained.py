@@ -1,5 +1,5 @@
 """Adaptive exit, the parallel sampler, bf16 and `bench generate` on a model trained with the windowed recipe
-(slow: the recipe runs 300 steps first). On a trained model the latent converges, so every fast sampler must
+(slow: the recipe runs 200 steps first). On a trained model the latent converges, so every fast sampler must
 give (nearly) the tokens of plain fixed-depth greedy decoding, with fewer iterations per token."""
 
 import json
@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trained")
     config = tiny_window.get_config()
-    config.train.num_steps = 300
+    config.train.num_steps = 200
     config.eval.final_num_steps = ()
     config.data.cache_dir = str(root / "cache")
     config.mesh.shape = (1, 1, 1)
