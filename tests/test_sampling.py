@@ -182,6 +182,14 @@ def test_cli_generates_from_an_hf_directory(tiny, huginn_tiny_dir, tmp_path):
     assert g.text == codec.decode(expected)
 
 
+@pytest.mark.parametrize("flag, kwargs", [("--check_every", {"check_every": 2}),
+                                          ("--noexit_in_prefill", {"exit_in_prefill": False})])
+def test_cli_exit_settings_without_an_exit_are_refused(huginn_tiny_dir, flag, kwargs):
+    """Settings of the exit criterion without --exit would change nothing: refused before anything is loaded."""
+    with pytest.raises(ValueError, match=f"^{flag} needs an --exit criterion.$"):
+        generate_cli.generate_text(str(huginn_tiny_dir / "checkpoint"), "x", num_steps=2, **kwargs)
+
+
 def test_tokenizer_is_found_for_workdirs_and_step_dirs(tiny, tmp_path):
     from rdlm.data.tokenizer import train_tokenizer
 
