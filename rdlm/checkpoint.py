@@ -175,6 +175,10 @@ class Checkpoints:
                 "(or fix the storage) and rerun the same command to resume."
             ) from None
 
+    def config(self, step: int) -> dict:
+        """The training config a complete step was saved with (as JSON: tuples are lists)."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
     def corpus(self, step: int) -> dict | None:
         """The `corpus` item of a complete step; None for a step saved before rdlm stored it."""
         if not (self.step_dir(step) / "corpus").exists():

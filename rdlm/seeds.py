@@ -135,12 +135,45 @@ def run_seeds(config, workdir: epath.Path, seeds: list[int], prefix: str) -> dic
     for seed in seeds:
         run_dir = workdir / f"{prefix}seed_{seed}"
         done = run_dir / report.SCALING_JSON
-        if not storage.exists(done):
-            c = copy.deepcopy(config)
-            c.train.seed = seed
+        c = copy.deepcopy(config)
+        c.train.seed = seed
+        if storage.exists(done):
+            _check_same_config(run_dir, c)
+        else:
             train_and_evaluate(c, str(run_dir))
         results[seed] = json.loads(storage.read_text(done))
     return results
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _check_same_config(run_dir, config) -> None:
+    """A finished run is read back only if it was trained with `config` (keys that rdlm added since are not
+    compared); otherwise one sentence names the first values that differ."""
+    from rdlm import checkpoint
+
+    ckpts = checkpoint.Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False)
+    try:
+        step = ckpts.latest_step()
+        saved = _flat(ckpts.config(step)) if step is not None else None
+    finally:
+        ckpts.close()
+    if saved is None:
+        raise ValueError(f"{run_dir} has {report.SCALING_JSON} but no checkpoint; delete {run_dir} to train it again.")
+    wanted = _flat(json.loads(json.dumps(config.to_dict(), default=list)))
+    differ = [k for k in wanted if k in saved and saved[k] != wanted[k]]
+    if differ:
+        shown = ", ".join(f"{k} was {saved[k]!r}, now {wanted[k]!r}" for k in differ[:3])
+        raise ValueError(f"{run_dir} was trained with another config ({shown}); pass another --workdir, or delete "
+                         f"{run_dir} to train it again.")
 
 
 FLAGS = flags.FlagValues()

@@ -86,6 +86,11 @@ def test_runs_each_seed_once_and_reads_finished_runs_back(tmp_path):
     again = seeds.run_seeds(config, seeds.epath.Path(tmp_path / "runs"), [0, 1], "")
     assert again == first
     assert (tmp_path / "runs" / "seed_0" / report.SCALING_JSON).stat().st_mtime_ns == stamp
+    config.train.num_steps = 3  # another config on the same runs: refused, nothing trained or overwritten
+    with pytest.raises(ValueError, match=r"seed_0 was trained with another config \(train.num_steps was 2, now 3\); "
+                                         r"pass another --workdir, or delete .*seed_0 to train it again.$"):
+        seeds.run_seeds(config, seeds.epath.Path(tmp_path / "runs"), [0, 1], "")
+    assert (tmp_path / "runs" / "seed_0" / report.SCALING_JSON).stat().st_mtime_ns == stamp
 
 
 def test_seeds_share_one_compiled_train_step(tmp_path):
