@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from rdlm import checkpoint_io, sampling
+from rdlm.sampling import exits
 from rdlm.model import ModelConfig, RecurrentLM
 from rdlm.sampling import precision
 
@@ -60,10 +61,7 @@ class Variant:
             raise ValueError(f"--exit works with --sampler=sequential, not {self.sampler}.")
         if self.check_every < 0:
             raise ValueError(f"--check_every={self.check_every} must be >= 0 (0: the criterion's default).")
-        if self.check_every and not self.exit:
-            raise ValueError("--check_every needs an --exit criterion.")
-        if not self.exit_in_prefill and not self.exit:
-            raise ValueError("--noexit_in_prefill needs an --exit criterion.")
+        exits.check_exit_flags(self.exit, self.check_every, self.exit_in_prefill)
         if self.batch < 1:
             raise ValueError(f"--batch={self.batch} must be >= 1.")
 

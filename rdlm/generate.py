@@ -117,17 +117,14 @@ def generate_text(
     import jax
 
     from rdlm import checkpoint_io, sampling
-    from rdlm.sampling import precision, text as text_lib
+    from rdlm.sampling import exits, precision, text as text_lib
 
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}.")
     criterion = sampling.parse_exit(exit) if exit else None
     if criterion is not None and sampler != "sequential":
         raise ValueError(f"--exit works with --sampler=sequential, not {sampler}.")
-    if check_every and criterion is None:
-        raise ValueError("--check_every needs an --exit criterion.")
-    if not exit_in_prefill and criterion is None:
-        raise ValueError("--noexit_in_prefill needs an --exit criterion.")
+    exits.check_exit_flags(exit, check_every, exit_in_prefill)
     codec = text_lib.load_codec(checkpoint, tokenizer or None)
     config, params = precision.with_dtype(*checkpoint_io.load_params(checkpoint), dtype)
     ids = codec.prompt_ids(prompt, chat=chat)

@@ -151,7 +151,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         if isinstance(value, dict):
             out.update(_flat(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+            out[f"{prefix}{key}"] = value
     return out
 
 

@@ -45,7 +45,7 @@ def weighted_loss(model: RecurrentLM, params, batch, num_steps, state_rng, init_
 
 def make_train_step(model: RecurrentLM, tx, schedule, recurrence, grad_accum_steps: int) -> Callable:
     """`train_step(state, batch, rng) -> (state, metrics)`; with accumulation the batch has a leading micro-batch
-    axis. `rng` is the run's key (`train_key`): an argument, so runs that differ only in their seed share one
+    axis. `rng` is the run's raw key data (`TrainProgram.key`): an argument, so runs that differ only in their seed share one
     compiled step.
 
     One depth (n, k) is drawn per optimizer step from the run's rng and the step number, so every

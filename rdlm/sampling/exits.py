@@ -130,3 +130,11 @@ def parse_exit(spec: str) -> ExitCriterion | None:
     except ValueError:
         raise ValueError(f"--exit={spec!r}: threshold {value!r} is not a number.") from None
     return make_criterion(name, threshold)
+
+
+def check_exit_flags(exit: str, check_every: int, exit_in_prefill: bool) -> None:
+    """The command-line settings of an exit criterion need the criterion (`--exit`) itself."""
+    if check_every and not exit:
+        raise ValueError("--check_every needs an --exit criterion.")
+    if not exit_in_prefill and not exit:
+        raise ValueError("--noexit_in_prefill needs an --exit criterion.")
